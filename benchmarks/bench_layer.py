@@ -1,0 +1,117 @@
+"""Forward + backward time of SwitchFeedForward (each backend) as a ratio to a dense FFN of the same d_ff.
+
+Peers a user would otherwise pick are timed in the same process when installed: Hugging Face transformers'
+``SwitchTransformersSparseMLP``. Runs are interleaved (one of each per round) and the median is reported.
+
+    python benchmarks/bench_layer.py                  # CPU, fp32, T=8192, d_model=256, d_ff=1024, CF 1.25
+    python benchmarks/bench_layer.py --device cuda    # bf16, d_model=1024, d_ff=4096, T=16384
+    python benchmarks/bench_layer.py --json out.json  # also write the numbers
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from switch_core import FeedForward, SwitchFeedForward
+
+PRESETS = {
+    "cpu": dict(tokens=8192, d_model=256, d_ff=1024, dtype="float32", rounds=7),
+    "cuda": dict(tokens=16384, d_model=1024, d_ff=4096, dtype="bfloat16", rounds=20),
+}
+
+
+def hf_layer(d_model: int, d_ff: int, n_experts: int, capacity_factor: float, tokens: int):
+    """HF's Switch MLP with the same sizes, or None when transformers is not installed."""
+    try:
+        from transformers import SwitchTransformersConfig
+        from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+    except Exception:  # noqa: BLE001 - any import problem means "peer not available"
+        return None
+    cfg = SwitchTransformersConfig(d_model=d_model, d_ff=d_ff, num_experts=n_experts, expert_capacity=
+                                   max(1, int(capacity_factor * tokens / n_experts)), dropout_rate=0.0,
+                                   router_jitter_noise=0.0, dense_act_fn="relu")
+    mlp = SwitchTransformersSparseMLP(cfg)
+
+    def run(x):
+        out = mlp(x)
+        return out[0] if isinstance(out, tuple) else out
+    return mlp, run
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(fn, x: torch.Tensor, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    y = fn(x)
+    y.float().square().mean().backward()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--experts", default="8,64")
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-peers", action="store_true", help="skip the Hugging Face layer")
+    ap.add_argument("--json", default=None, help="write the results to this file as well")
+    args = ap.parse_args()
+    p = dict(PRESETS[args.device])
+    rounds = args.rounds or p["rounds"]
+    dev, dtype = args.device, getattr(torch, p["dtype"])
+    T, D, F_ = p["tokens"], p["d_model"], p["d_ff"]
+    torch.manual_seed(0)
+    results = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "tokens": T, "d_model": D, "d_ff": F_, "dtype": p["dtype"],
+               "capacity_factor": args.capacity_factor, "rounds": rounds, "rows": []}
+    print(f"# {results['when']}  torch {results['torch']}  {results['device']}  {dev} {p['dtype']}  "
+          f"T={T} d_model={D} d_ff={F_} CF={args.capacity_factor}  median of {rounds} interleaved rounds")
+    x = torch.randn(T // 16, 16, D, device=dev, dtype=dtype)
+    for E in [int(e) for e in args.experts.split(",")]:
+        dense = FeedForward(D, F_).to(dev, dtype)
+        candidates = {"dense FeedForward": dense}
+        for backend in ("loop", "padded", "grouped", "auto"):
+            candidates[f"switch {backend}"] = SwitchFeedForward(D, F_, E, capacity_factor=args.capacity_factor,
+                                                                 backend=backend).to(dev, dtype)
+        resolved = candidates["switch auto"].resolve_backend(x)
+        fns = {name: (lambda m: (lambda inp: m(inp)[0] if isinstance(m, SwitchFeedForward) else m(inp)))(m)
+               for name, m in candidates.items()}
+        if not args.no_peers and (hf := hf_layer(D, F_, E, args.capacity_factor, T)) is not None:
+            hf[0].to(dev, dtype)
+            fns["HF SwitchTransformersSparseMLP"] = hf[1]
+        times = {name: [] for name in fns}
+        for r in range(rounds + 1):  # round 0 is a warm-up
+            for name, fn in fns.items():
+                t = time_fwd_bwd(fn, x, dev)
+                if r:
+                    times[name].append(t)
+            for m in candidates.values():
+                m.zero_grad(set_to_none=True)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        print(f"\n{E} experts  (auto -> {resolved})")
+        print(f"  {'layer':34s} {'median ms':>10s} {'ratio to dense':>15s}")
+        for name, m in med.items():
+            ratio = m / med["dense FeedForward"]
+            print(f"  {name:34s} {1e3 * m:10.1f} {ratio:15.2f}x")
+            results["rows"].append({"experts": E, "layer": name, "median_ms": 1e3 * m, "ratio_to_dense": ratio})
+        if dev == "cuda":
+            print(f"  loop / auto speedup: {med['switch loop'] / med['switch auto']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

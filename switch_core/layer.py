@@ -1,0 +1,224 @@
+"""The Switch layer (paper §2.1-2.2, Fig. 2) and the dense feed-forward it replaces.
+
+For every token x:  route it to one expert i = argmax p(x) (eq. 1), give that expert at most C tokens (eq. 3),
+and return  y = p_i(x) · E_i(x)  (eq. 2); a token over capacity gets y = 0 and rides the residual connection.
+
+Shape legend: T tokens (the flattened leading dims of x), K = top_k, A = T·K, E experts, D = d_model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capacity import DROP_POLICIES, dispatch, expert_capacity
+from .experts import ACTIVATIONS, BACKENDS, Experts, grouped_mm_aligned, grouped_mm_supported
+from .init import check_init_scale, truncated_normal_
+from .losses import balance_loss, z_loss
+from .router import Router, route
+
+
+@dataclass
+class SwitchStats:
+    """What one call of the Switch layer did. Leading dims ``...`` are those of the input x.
+
+    counts: long [E], real tokens whose first choice is each expert, counted before the capacity cut.
+    kept_counts: long [E], (token, choice) assignments each expert processed (at most ``capacity``).
+    balance_loss: float32 scalar, N · Σ f_i P_i (eq. 4), unweighted; 1.0 under uniform routing.
+    z_loss: float32 scalar, mean logsumexp(logits)² (ST-MoE), unweighted.
+    dropped_fraction: float32 scalar, dropped real assignments / real assignments.
+    expert_index: long [..., K], chosen experts (-1 for padding).  gates: float32 [..., K] (0 for padding).
+    router_probs, router_logits: float32 [..., E].  capacity: slots per expert in this call (python int)."""
+
+    counts: Tensor
+    kept_counts: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+    dropped_fraction: Tensor
+    expert_index: Tensor
+    gates: Tensor
+    router_probs: Tensor
+    router_logits: Tensor
+    capacity: int
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_capacity_factor(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number or None (dropless), got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None for dropless), got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_input(x: Tensor, d_model: int, token_mask: Tensor | None) -> None:
+    """Raise TypeError/ValueError naming ``x`` or ``token_mask`` when they cannot go through a d_model layer."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [..., d_model={d_model}], got {tuple(x.shape)}")
+    if token_mask is not None:
+        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+            what = token_mask.dtype if isinstance(token_mask, Tensor) else type(token_mask).__name__
+            raise TypeError(f"token_mask must be a bool tensor (True = real token), got {what}")
+        if token_mask.shape != x.shape[:-1]:
+            raise ValueError(f"token_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
+                             f"got {tuple(token_mask.shape)}")
+        if token_mask.device != x.device:
+            raise ValueError(f"token_mask is on {token_mask.device} but x is on {x.device}")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class FeedForward(nn.Module):
+    """The dense baseline FFN: y = act(x · W_in + b_in) · W_out + b_out, with dropout on the hidden activation.
+
+    x [..., D] -> y [..., D]. Initialised like the experts (truncated normal, std = sqrt(init_scale / fan_in))."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", dropout: float = 0.0,
+                 bias: bool = False, init_scale: float = 0.1):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("d_ff", d_ff)
+        self.act, self.gated = ACTIVATIONS[_check_choice("activation", activation, tuple(ACTIVATIONS))]
+        self.dropout = _check_rate("dropout", dropout)
+        self.init_scale = check_init_scale(init_scale)
+        self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        self.w_in = nn.Linear(d_model, d_ff, bias=bias)
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False) if self.gated else None
+        self.w_out = nn.Linear(d_ff, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin, fan_in in ((self.w_in, self.d_model), (self.w_gate, self.d_model), (self.w_out, self.d_ff)):
+            if lin is not None:
+                truncated_normal_(lin.weight, fan_in=fan_in, init_scale=self.init_scale)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.d_model, None)
+        h = self.w_in(x)
+        h = self.act(self.w_gate(x)) * h if self.gated else self.act(h)
+        return self.w_out(F.dropout(h, self.dropout, self.training))
+
+
+class SwitchFeedForward(nn.Module):
+    """A Switch layer: router -> capacity-limited dispatch -> experts -> gate-weighted combine (paper Fig. 2).
+
+    ``y, stats = layer(x, token_mask=None)`` with x [..., d_model] float; y has x's shape and dtype; ``stats``
+    is a :class:`SwitchStats`. ``token_mask`` (bool, x.shape[:-1]) marks real tokens: padding is not routed,
+    takes no capacity and gets zero output. Losses in ``stats`` are unweighted.
+
+    capacity_factor / eval_capacity_factor: slots per expert in train / eval mode (eq. 3); None = dropless.
+    drop_policy: "position" (paper), "priority" (V-MoE) or "random": who keeps a slot when an expert overflows.
+    jitter_eps: multiplicative U(1-eps, 1+eps) noise on the router input in training (App. C).
+    dropout: on the layer's output; expert_dropout: on the experts' hidden activations (§2.4, Table 4).
+    backend: "loop" (reference), "padded", "grouped" or "auto" (the fastest correct one for the input)."""
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, *, top_k: int = 1, capacity_factor: float | None = 1.25,
+                 eval_capacity_factor: float | None = 2.0, drop_policy: str = "position", jitter_eps: float = 0.0,
+                 activation: str = "relu", dropout: float = 0.0, expert_dropout: float = 0.0, bias: bool = False,
+                 init_scale: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.d_model = _check_positive_int("d_model", d_model)
+        self.d_ff = _check_positive_int("d_ff", d_ff)
+        self.n_experts = _check_positive_int("n_experts", n_experts)
+        self.top_k = _check_positive_int("top_k", top_k)
+        if top_k > n_experts:
+            raise ValueError(f"top_k must be <= n_experts ({n_experts}), got {top_k}")
+        self.capacity_factor = _check_capacity_factor("capacity_factor", capacity_factor)
+        self.eval_capacity_factor = _check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        self.drop_policy = _check_choice("drop_policy", drop_policy, DROP_POLICIES)
+        self.backend = _check_choice("backend", backend, BACKENDS + ("auto",))
+        _check_choice("activation", activation, tuple(ACTIVATIONS))
+        if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0.0 <= jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
+        self.dropout = _check_rate("dropout", dropout)
+        init_scale = check_init_scale(init_scale)
+        self.router = Router(d_model, n_experts, jitter_eps=float(jitter_eps), init_scale=init_scale)
+        self.experts = Experts(d_model, d_ff, n_experts, activation=activation, bias=bias,
+                               expert_dropout=_check_rate("expert_dropout", expert_dropout), init_scale=init_scale)
+
+    def extra_repr(self) -> str:
+        return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}, drop_policy={self.drop_policy!r}, "
+                f"backend={self.backend!r}")
+
+    def resolve_backend(self, x: Tensor) -> str:
+        """The backend "auto" picks for x: grouped matmuls where this torch build has them for x's device and
+        compute dtype (and the sizes meet their 16-byte alignment), otherwise the capacity-padded batched form."""
+        if self.backend != "auto":
+            return self.backend
+        dt = compute_dtype(x)
+        if grouped_mm_supported(x.device.type, dt) and grouped_mm_aligned(dt, self.d_model, self.d_ff):
+            return "grouped"
+        return "padded"
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, SwitchStats]:
+        check_input(x, self.d_model, token_mask)
+        lead, T, K, E = x.shape[:-1], x.shape[:-1].numel(), self.top_k, self.n_experts
+        x_TD = x.reshape(T, self.d_model)
+        mask_T = None if token_mask is None else token_mask.reshape(T)
+
+        # 1. Route (float32): logits, probabilities, the top-k experts and their gates.
+        r = route(self.router(x_TD), K)
+        # 2. Capacity (eq. 3) and which assignments keep a slot.
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        d = dispatch(r.expert_TK, r.gates_TK, E, expert_capacity(T, E, cf, K), mask_T=mask_T,
+                     policy=self.drop_policy)
+        # 3. Experts, in the compute dtype; 4. combine: y = gate · E_i(x), zero for dropped and padded tokens.
+        h_AD = self.experts(x_TD.to(compute_dtype(x)), d, self.resolve_backend(x))
+        gates_A = torch.where(d.keep_A, r.gates_TK.reshape(T * K), 0.0)
+        y_AD = h_AD.float() * gates_A[:, None]
+        y_TD = y_AD.view(T, K, self.d_model).sum(dim=1) if K > 1 else y_AD
+        y = F.dropout(y_TD.to(x.dtype), self.dropout, self.training).view(x.shape)
+
+        first_T = r.expert_TK[:, 0]
+        real_TK = torch.ones_like(d.keep_A).view(T, K) if mask_T is None else mask_T[:, None].expand(T, K)
+        stats = SwitchStats(
+            counts=d.counts_E,
+            kept_counts=d.kept_E,
+            balance_loss=balance_loss(r.probs_TE, first_T, mask_T),
+            z_loss=z_loss(r.logits_TE, mask_T),
+            dropped_fraction=(d.n_real - d.keep_A.sum()) / d.n_real.clamp(min=1.0),
+            expert_index=torch.where(real_TK, r.expert_TK, -1).view(*lead, K),
+            gates=torch.where(real_TK, r.gates_TK, 0.0).view(*lead, K),
+            router_probs=r.probs_TE.view(*lead, E),
+            router_logits=r.logits_TE.view(*lead, E),
+            capacity=d.capacity,
+        )
+        return y, stats

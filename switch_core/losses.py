@@ -1,0 +1,47 @@
+"""The auxiliary losses that keep a router healthy.
+
+- Load balancing (Switch paper eq. 4-6):  N · Σ_i f_i · P_i,  f_i = fraction of tokens whose first choice is
+  expert i, P_i = mean router probability of expert i. Equals 1.0 when routing is uniform.
+- Router z-loss (ST-MoE eq. 5):  mean over tokens of (log Σ_j exp(x_j))², which keeps logits small.
+
+Both are returned unweighted; the coefficients (α = 0.01, c_z = 0.001) belong to the training config.
+Shape legend: T tokens, E experts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _real_tokens(mask_T: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(float weights [T] that are 1 for real tokens, number of real tokens clamped to >= 1)."""
+    if mask_T is None:
+        w_T = torch.ones(like.shape[0], device=like.device, dtype=torch.float32)
+    else:
+        w_T = mask_T.to(torch.float32)
+    return w_T, w_T.sum().clamp(min=1.0)
+
+
+def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Switch auxiliary loss, N · Σ_i f_i · P_i (paper eq. 4). 1.0 when routing is uniform.
+
+    probs_TE: float32 router softmax [T, E].  first_choice_T: argmax expert [T] (long).
+    mask_T: optional bool [T], True for real tokens; padding counts in neither f nor P.
+    f comes from an argmax, so the gradient flows through P only. Returns a float32 scalar."""
+    n_experts = probs_TE.shape[-1]
+    w_T, n_real = _real_tokens(mask_T, probs_TE)
+    probs_TE = probs_TE.float()
+    # f_i: a one-hot count of first choices (no gradient); P_i: mean probability (carries the gradient).
+    index_T = first_choice_T.clamp(min=0)  # padding may carry -1; its weight is 0 anyway
+    f_E = torch.zeros(n_experts, device=probs_TE.device, dtype=torch.float32).index_add_(0, index_T, w_T) / n_real
+    P_E = torch.where(w_T[:, None] > 0, probs_TE, 0.0).sum(dim=0) / n_real
+    return n_experts * (f_E * P_E).sum()
+
+
+def z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE eq. 5): mean over real tokens of logsumexp(logits)². Float32 scalar.
+
+    logits_TE: router logits [T, E].  mask_T: optional bool [T], True for real tokens."""
+    w_T, n_real = _real_tokens(mask_T, logits_TE)
+    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return torch.where(w_T > 0, lse_T.square(), 0.0).sum() / n_real
