@@ -203,7 +203,7 @@ class SwitchFeedForward(nn.Module):
         # 3. Experts, in the compute dtype; 4. combine: y = gate · E_i(x), zero for dropped and padded tokens.
         h_AD = self.experts(x_TD.to(compute_dtype(x)), d, self.resolve_backend(x))
         gates_A = torch.where(d.keep_A, r.gates_TK.reshape(T * K), 0.0)
-        y_AD = h_AD.float() * gates_A[:, None]
+        y_AD = h_AD.to(gates_A.dtype) * gates_A[:, None]
         y_TD = y_AD.view(T, K, self.d_model).sum(dim=1) if K > 1 else y_AD
         y = F.dropout(y_TD.to(x.dtype), self.dropout, self.training).view(x.shape)
 

@@ -30,10 +30,10 @@ def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None
     f comes from an argmax, so the gradient flows through P only. Returns a float32 scalar."""
     n_experts = probs_TE.shape[-1]
     w_T, n_real = _real_tokens(mask_T, probs_TE)
-    probs_TE = probs_TE.float()
+    probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
     # f_i: a one-hot count of first choices (no gradient); P_i: mean probability (carries the gradient).
     index_T = first_choice_T.clamp(min=0)  # padding may carry -1; its weight is 0 anyway
-    f_E = torch.zeros(n_experts, device=probs_TE.device, dtype=torch.float32).index_add_(0, index_T, w_T) / n_real
+    f_E = torch.zeros_like(probs_TE[0]).index_add_(0, index_T, w_T.to(probs_TE.dtype)) / n_real
     P_E = torch.where(w_T[:, None] > 0, probs_TE, 0.0).sum(dim=0) / n_real
     return n_experts * (f_E * P_E).sum()
 
@@ -43,5 +43,5 @@ def z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
 
     logits_TE: router logits [T, E].  mask_T: optional bool [T], True for real tokens."""
     w_T, n_real = _real_tokens(mask_T, logits_TE)
-    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    lse_T = torch.logsumexp(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
     return torch.where(w_T > 0, lse_T.square(), 0.0).sum() / n_real

@@ -60,12 +60,13 @@ class Router(nn.Module):
         truncated_normal_(self.weight, fan_in=self.weight.shape[1], init_scale=self.init_scale)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        """x_TD [T, D] of any float dtype -> float32 logits [T, E]."""
+        """x_TD [T, D] of any float dtype -> float32 logits [T, E] (float64 for float64 input)."""
         # NOTE: autocast is switched off and both operands are cast up, so the logits, the softmax and the gates
         # are float32 even when the rest of the model runs in bfloat16 (Table 2: a bf16 router diverged).
+        # float64 input stays float64 (never lower the precision; gradcheck relies on it).
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
+            x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
             if self.training and self.jitter_eps > 0:
                 noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
                 x_TD = x_TD * noise
-            return F.linear(x_TD, self.weight.float())
+            return F.linear(x_TD, self.weight.to(x_TD.dtype))

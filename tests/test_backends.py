@@ -1,0 +1,101 @@
+"""The three backends compute the same outputs and gradients, including dropped and padded tokens, top-2,
+every drop policy, biases and gated activations; the grouped backend has no host-device synchronisation."""
+import itertools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing import assert_close
+
+from switch_core import SwitchFeedForward
+from switch_core.experts import grouped_mm_supported
+
+CASES = list(itertools.product([1, 2], ["position", "priority", "random"], [0.5, 1.0, None]))
+
+
+def _run(layer, backend, x, mask):
+    layer.backend = backend
+    layer.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the "random" policy draws the same permutation for every backend
+    x = x.clone().requires_grad_()
+    y, s = layer(x, token_mask=mask)
+    (y.square().sum() + s.balance_loss + 0.1 * s.z_loss).backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, s
+
+
+@pytest.mark.parametrize("top_k, policy, cf", CASES)
+def test_backends_agree(top_k, policy, cf):
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(8, 16, 4, top_k=top_k, capacity_factor=cf, drop_policy=policy)
+    x = torch.randn(2, 16, 8)
+    mask = torch.rand(2, 16) > 0.25
+    ref = _run(layer, "loop", x, mask)
+    assert (ref[0][~mask] == 0).all()
+    for backend in ("padded", "grouped"):
+        out = _run(layer, backend, x, mask)
+        assert_close(out[0], ref[0])
+        assert_close(out[1], ref[1])
+        for name in ref[2]:
+            assert_close(out[2][name], ref[2][name], msg=f"{backend}: grad of {name}")
+        assert torch.equal(out[3].kept_counts, ref[3].kept_counts)
+        assert_close(out[3].dropped_fraction, ref[3].dropped_fraction)
+
+
+@pytest.mark.parametrize("activation, bias", [("geglu", True), ("gelu", False), ("swiglu", True)])
+def test_backends_agree_with_bias_and_activations(activation, bias):
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(8, 16, 4, capacity_factor=0.75, activation=activation, bias=bias)
+    with torch.no_grad():
+        layer.experts.b_in.normal_() if bias else None
+        layer.experts.b_out.normal_() if bias else None
+    x = torch.randn(32, 8)
+    ref = _run(layer, "loop", x, None)
+    for backend in ("padded", "grouped"):
+        out = _run(layer, backend, x, None)
+        assert_close(out[0], ref[0])
+        for name in ref[2]:
+            assert_close(out[2][name], ref[2][name], msg=f"{backend}: grad of {name}")
+
+
+def test_expert_with_no_tokens_in_every_backend():
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(8, 16, 4, capacity_factor=None)
+    with torch.no_grad():
+        layer.router.weight.abs_()
+        layer.router.weight[3] *= -1  # positive inputs: expert 3 has the only negative logit
+    x = torch.randn(16, 8).abs()
+    outs = [_run(layer, b, x, None) for b in ("loop", "padded", "grouped")]
+    assert outs[0][3].counts[3] == 0
+    for out in outs[1:]:
+        assert_close(out[0], outs[0][0])
+        assert (out[2]["experts.w_in"][3] == 0).all()
+
+
+def test_auto_picks_grouped_where_grouped_mm_runs():
+    layer = SwitchFeedForward(16, 32, 4)
+    x = torch.randn(4, 16)
+    expected = "grouped" if grouped_mm_supported("cpu", torch.float32) else "padded"
+    assert layer.resolve_backend(x) == expected
+    assert layer.resolve_backend(x.double()) == "padded"  # grouped_mm has no float64 kernel
+    assert SwitchFeedForward(6, 10, 4).resolve_backend(torch.randn(4, 6)) == "padded"  # not 16-byte aligned
+
+
+@pytest.mark.parametrize("backend", ["grouped", "padded"])
+def test_forward_and_backward_have_no_data_dependent_host_sync(backend):
+    # Under FakeTensorMode any .item(), .tolist() or nonzero() (the host syncs of a GPU run) raises.
+    if backend == "grouped" and not grouped_mm_supported("cpu", torch.bfloat16):
+        pytest.skip("this torch build has no grouped_mm")
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, top_k=2, backend=backend).bfloat16()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+        y, s = layer(x, token_mask=torch.ones(2, 8, dtype=torch.bool))
+        (y.float().sum() + s.balance_loss + s.z_loss).backward()
+    assert y.shape == (2, 8, 16)
+
+
+def test_loop_backend_does_sync_so_the_check_can_fail():
+    layer = SwitchFeedForward(16, 32, 4, backend="loop")
+    with pytest.raises(Exception, match="DataDependent|data-dependent|_local_scalar_dense|nonzero"):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            layer(torch.randn(8, 16))

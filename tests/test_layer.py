@@ -1,0 +1,201 @@
+"""The Switch layer's semantics: output = gate × expert(x) for kept tokens, zero for dropped and padded tokens,
+statistics, train/eval capacity, dtypes, initialisation and dropout."""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from switch_core import FeedForward, SwitchFeedForward
+
+T, D, F, E = 16, 8, 16, 4
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    return SwitchFeedForward(D, F, E, **kw)
+
+
+def test_shapes_and_parameter_layout():
+    layer = _layer(top_k=2, bias=True)
+    assert layer.router.weight.shape == (E, D)
+    assert layer.experts.w_in.shape == (E, D, F) and layer.experts.w_out.shape == (E, F, D)
+    assert layer.experts.b_in.shape == (E, F) and layer.experts.b_out.shape == (E, D)
+    x = torch.randn(2, 3, T // 2, D)
+    y, s = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert s.expert_index.shape == (2, 3, T // 2, 2) and s.gates.shape == (2, 3, T // 2, 2)
+    assert s.router_probs.shape == (2, 3, T // 2, E) and s.counts.shape == (E,)
+    assert s.counts.dtype == torch.long and int(s.counts.sum()) == 2 * 3 * T // 2
+
+
+def test_kept_token_output_is_gate_times_its_expert():
+    layer = _layer(capacity_factor=None)
+    x = torch.randn(T, D)
+    y, s = layer(x)
+    probs = torch.softmax(x @ layer.router.weight.T, -1)
+    gate, expert = probs.max(-1)
+    expected = torch.stack([gate[t] * layer.experts.ffn(x[t : t + 1], int(expert[t]))[0] for t in range(T)])
+    assert_close(y, expected)
+    assert_close(s.gates.squeeze(-1), gate)
+    assert torch.equal(s.expert_index.squeeze(-1), expert)
+
+
+def test_dropped_tokens_get_zero_output():
+    layer = _layer(capacity_factor=0.25)  # capacity = ceil(0.25 * 16 / 4) = 1 token per expert
+    x = torch.randn(T, D)
+    y, s = layer(x)
+    assert s.capacity == 1
+    n_kept = int(s.kept_counts.sum())
+    assert n_kept == int((s.counts > 0).sum())  # one token per expert that was chosen at all
+    zero_rows = (y == 0).all(-1)
+    assert int(zero_rows.sum()) == T - n_kept
+    assert_close(s.dropped_fraction, torch.tensor((T - n_kept) / T))
+    # position policy: for each expert the earliest token that chose it is the one kept
+    for e in range(E):
+        chose = (s.expert_index.squeeze(-1) == e).nonzero().flatten().tolist()
+        if chose:
+            assert not zero_rows[chose[0]] and all(zero_rows[t] for t in chose[1:])
+
+
+def test_padded_tokens_are_not_routed_and_do_not_count():
+    layer = _layer(capacity_factor=1.0)
+    x = torch.randn(T, D)
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[::4] = False
+    y, s = layer(x, token_mask=mask)
+    assert (y[~mask] == 0).all()
+    assert int(s.counts.sum()) == int(mask.sum())
+    assert (s.expert_index[~mask] == -1).all() and (s.gates[~mask] == 0).all()
+    # capacity still counts all T tokens of the call; the real tokens equal a call on the real tokens alone
+    # whenever nothing is dropped in either call
+    layer_nd = _layer(capacity_factor=None)
+    y_nd, s_nd = layer_nd(x, token_mask=mask)
+    y_real, s_real = layer_nd(x[mask])
+    assert_close(y_nd[mask], y_real)
+    assert_close(s_nd.balance_loss, s_real.balance_loss)
+    assert_close(s_nd.z_loss, s_real.z_loss)
+    assert torch.equal(s_nd.counts, s_real.counts)
+
+
+def test_all_tokens_padded():
+    layer = _layer()
+    y, s = layer(torch.randn(T, D), token_mask=torch.zeros(T, dtype=torch.bool))
+    assert (y == 0).all() and int(s.counts.sum()) == 0
+    assert s.dropped_fraction.item() == 0.0 and s.balance_loss.item() == 0.0 and s.z_loss.item() == 0.0
+
+
+def test_train_and_eval_capacity_factors():
+    layer = _layer(capacity_factor=1.0, eval_capacity_factor=2.0)
+    x = torch.randn(T, D)
+    assert layer.train()(x)[1].capacity == 4
+    assert layer.eval()(x)[1].capacity == 8
+
+
+def test_dropless_drops_nothing_even_when_routing_collapses():
+    layer = _layer(capacity_factor=None)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0  # every positive-sum token prefers expert 2
+    x = torch.randn(T, D).abs()
+    y, s = layer(x)
+    assert s.counts.tolist() == [0, 0, T, 0] and s.dropped_fraction.item() == 0.0
+    assert not (y == 0).all(-1).any()
+
+
+def test_stats_losses_match_the_definitions():
+    layer = _layer()
+    x = torch.randn(T, D)
+    _, s = layer(x)
+    logits = x @ layer.router.weight.T
+    probs = logits.softmax(-1)
+    f = torch.bincount(probs.argmax(-1), minlength=E).float() / T
+    assert_close(s.balance_loss, E * (f * probs.mean(0)).sum())
+    assert_close(s.z_loss, torch.logsumexp(logits, -1).square().mean())
+    assert s.balance_loss.dtype == s.z_loss.dtype == torch.float32
+
+
+def test_bfloat16_input_keeps_router_in_float32():
+    layer = _layer()
+    x = torch.randn(T, D).bfloat16()
+    y, s = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert s.router_probs.dtype == s.gates.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32, s32 = layer(torch.randn(T, D))
+    assert y32.dtype == torch.float32 and s32.router_logits.dtype == torch.float32
+
+
+def test_init_is_truncated_normal_with_scaled_std_and_independent_experts():
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(64, 256, 8, init_scale=0.1)
+    for w, fan_in in ((layer.experts.w_in, 64), (layer.experts.w_out, 256), (layer.router.weight, 64)):
+        std = math.sqrt(0.1 / fan_in)
+        assert w.abs().max() <= 2 * std + 1e-7
+        # a normal truncated at 2 std has std ~= 0.88 of the untruncated one
+        assert 0.80 * std < w.std().item() < 0.95 * std
+    w_in = layer.experts.w_in
+    assert not torch.allclose(w_in[0], w_in[1])
+
+
+def test_dropout_and_expert_dropout_act_only_in_training():
+    x = torch.randn(T, D)
+    for kw in ({"dropout": 0.5}, {"expert_dropout": 0.5}):
+        layer = _layer(capacity_factor=None, **kw)
+        ref = _layer(capacity_factor=None)
+        layer.eval(), ref.eval()
+        assert_close(layer(x)[0], ref(x)[0])
+        layer.train()
+        assert not torch.allclose(layer(x)[0], ref.train()(x)[0])
+
+
+def test_gated_activation_adds_a_gate_projection():
+    layer = _layer(activation="geglu", capacity_factor=None)
+    assert layer.experts.w_gate.shape == (E, D, F)
+    x = torch.randn(T, D)
+    y, s = layer(x)
+    e, g = int(s.expert_index[0, 0]), s.gates[0, 0]
+    w_in, w_gate, w_out = layer.experts.w_in[e], layer.experts.w_gate[e], layer.experts.w_out[e]
+    assert_close(y[0], g * ((torch.nn.functional.gelu(x[0] @ w_gate) * (x[0] @ w_in)) @ w_out))
+
+
+def test_dense_feedforward_baseline():
+    torch.manual_seed(0)
+    ff = FeedForward(D, F, bias=True)
+    x = torch.randn(3, T, D)
+    expected = torch.relu(x @ ff.w_in.weight.T + ff.w_in.bias) @ ff.w_out.weight.T + ff.w_out.bias
+    assert_close(ff(x), expected)
+    assert ff.w_in.weight.abs().max() <= 2 * math.sqrt(0.1 / D) + 1e-7
+
+
+def test_switch_with_one_expert_and_no_dropping_equals_gate_one_dense():
+    layer = SwitchFeedForward(D, F, 1, capacity_factor=None)
+    ff = FeedForward(D, F)
+    with torch.no_grad():
+        ff.w_in.weight.copy_(layer.experts.w_in[0].T)
+        ff.w_out.weight.copy_(layer.experts.w_out[0].T)
+    x = torch.randn(T, D)
+    assert_close(layer(x)[0], ff(x))  # one expert: probability 1, so the gate is 1
+
+
+def test_gradients_reach_the_router_through_the_gate():
+    layer = _layer()
+    y, _ = layer(torch.randn(T, D))
+    y.square().sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped"])
+def test_gradcheck_float64(backend):
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(4, 6, 3, capacity_factor=1.0, top_k=2, bias=True, backend=backend).double()
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, True]])
+
+    def f(x, *ps):
+        y, s = torch.func.functional_call(layer, dict(zip(names, ps)), (x,), {"token_mask": mask})
+        return y, s.balance_loss, s.z_loss
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
