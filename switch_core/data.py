@@ -56,7 +56,11 @@ def _download(path: Path) -> None:
     os.close(fd)
     try:
         # Looked up at call time so tests can stand a local file in for the network.
-        torch.hub.download_url_to_file(URL, tmp, progress=False)
+        try:
+            torch.hub.download_url_to_file(URL, tmp, progress=False)
+        except Exception as e:
+            raise RuntimeError(f"could not download Tiny Shakespeare from {URL} ({e}). Check the network, or "
+                               f"place the file at {path} by hand (or set SWITCH_CORE_DATA).") from e
         actual = sha256_of(tmp)
         if actual != SHA256:
             raise RuntimeError(

@@ -19,14 +19,12 @@ NOTE: distributed training (expert parallelism) plugs in at `setup_runtime` / `w
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import random
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,14 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from .checkpoint import RunLog, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM
 
-METRIC_COLUMNS = ["step", "train_loss", "val_loss", "balance_loss", "z_loss", "dropped_fraction", "tokens_per_s", "lr"]
-LOAD_COLUMNS = ["step", "layer", "expert", "fraction", "kept_fraction"]
-RUN_FILES = ("metrics.csv", "expert_load.csv", "config.json", "checkpoint.pt", "samples.txt")
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "sample_chars",
                     "data_root")
@@ -227,90 +223,8 @@ def router_metrics(stats: list, n_tokens: int, step: int) -> tuple[dict, list[di
     return row, load
 
 
-# ------------------------------------------------------------------------------------------- run directory
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss or the gradient norm became NaN or infinite."""
-
-
-def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run directory: refuse to clobber an existing run unless resume or overwrite is asked for."""
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
-    if out_dir is None:
-        if resume:
-            raise ValueError("resume needs an out_dir holding checkpoint.pt")
-        return None
-    out = Path(out_dir)
-    if resume:
-        if not (out / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {out / 'checkpoint.pt'}")
-        return out
-    if (out / "metrics.csv").exists() or (out / "checkpoint.pt").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run (metrics.csv/checkpoint.pt); pass --resume to "
-                                  f"continue it or --overwrite to replace it")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _read_csv(path: Path, upto_step: int) -> list[dict]:
-    """Rows of a metrics/expert_load CSV with step <= upto_step, numbers parsed (empty -> None)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = [{k: (None if v == "" else int(v) if k in ("step", "layer", "expert") else float(v))
-                 for k, v in r.items()} for r in csv.DictReader(f)]
-    return [r for r in rows if r["step"] <= upto_step]
-
-
-class CsvLog:
-    """Appends rows to a CSV (flushed each row, so a crash keeps what was logged). No-op without a path."""
-
-    def __init__(self, path: Path | None, columns: list[str], rows: list[dict]):
-        self.columns, self.file, self.writer = columns, None, None
-        if path is not None:  # rewrite what we keep (drops rows logged after the checkpoint we resume from)
-            self.file = open(path, "w", newline="")
-            self.writer = csv.DictWriter(self.file, columns)
-            self.writer.writeheader()
-            self.writer.writerows([{k: ("" if r[k] is None else r[k]) for k in columns} for r in rows])
-            self.file.flush()
-
-    def write(self, rows: list[dict]) -> None:
-        if self.writer is not None:
-            self.writer.writerows([{k: ("" if r[k] is None else r[k]) for k in self.columns} for r in rows])
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, *, model, optimizer, scheduler, batch_gen, step: int, cfg: TrainConfig) -> None:
-    """Everything needed to continue bit-exactly, written to a temporary file and renamed into place."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 rng=rng_state(), batch_rng=batch_gen.get_state(), step=step, config=cfg.to_dict())
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint dict (tensors on CPU). weights_only: it holds only tensors and plain Python values."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
@@ -324,6 +238,58 @@ def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores: the model, optimizer, schedule, batch RNG and the last finished step."""
+
+    model: SwitchLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batch_gen: torch.Generator
+    step: int = 0
+
+
+def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainState:
+    """A fresh TrainState from cfg.seed, or the one saved in `ckpt` (RNG states included)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = SwitchLM(cfg.model).to(runtime.device)
+    optimizer = make_optimizer(model, cfg)
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg)),
+                       torch.Generator().manual_seed(cfg.seed))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        state.scheduler.lr_lambdas[0] = WarmupCosine(cfg)  # `steps` may have changed (RESUMABLE_FIELDS)
+        state.batch_gen.set_state(ckpt["batch_rng"])
+        set_rng_state(ckpt["rng"])
+        state.step = ckpt["step"]
+    return state
+
+
+def train_step(state: TrainState, model: nn.Module, x_BT: Tensor, y_BT: Tensor, cfg: TrainConfig,
+               runtime: Runtime) -> tuple[float, list, float]:
+    """One update: forward (bf16 autocast on CUDA), NaN guard, backward, clip, AdamW, schedule.
+
+    Returns (cross-entropy, per-layer SwitchStats, lr used). Raises NonFiniteLossError before touching the
+    weights when the loss or the gradient norm is NaN/inf."""
+    with runtime.autocast():
+        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} at step {state.step + 1}")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+    if not torch.isfinite(norm):
+        raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {state.step + 1}")
+    lr = state.scheduler.get_last_lr()[0]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return ce.item(), stats, lr
+
+
 @dataclass
 class TrainResult:
     """What `train` returns. metrics / expert_load: lists of dicts (pandas.DataFrame(result.metrics))."""
@@ -345,6 +311,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     out_dir None keeps everything in memory. stop_at ends this call after that step, as if preempted
     (checkpoint written, no samples); a later resume=True call continues exactly. data defaults to
     Tiny Shakespeare from cfg.data_root."""
+    # 1. Run directory, device, data; model, optimizer, schedule and RNGs, fresh or from the checkpoint.
     out = prepare_out_dir(out_dir, resume, overwrite)
     ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
     if ckpt is not None:
@@ -353,98 +320,52 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     data = data if data is not None else load_char_data(cfg.data_root)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"vocab_size is {cfg.model.vocab_size} but the data has {data.tokenizer.vocab_size} symbols")
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-
-    # 1. Model, optimizer, schedule and batch RNG, fresh or from the checkpoint.
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    raw_model = SwitchLM(cfg.model).to(runtime.device)
-    model = wrap_model(raw_model, runtime)
-    optimizer = make_optimizer(raw_model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg))
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.lr_lambdas[0] = WarmupCosine(cfg)  # steps may have changed (RESUMABLE_FIELDS)
-        batch_gen.set_state(ckpt["batch_rng"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
-    log_files = out is not None and runtime.is_main
-    if log_files:
+    state = build_state(cfg, runtime, ckpt)
+    model = wrap_model(state.model, runtime)
+    out = out if runtime.is_main else None  # only rank 0 writes files
+    if out is not None:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metrics = _read_csv(out / "metrics.csv", start) if ckpt is not None else []
-    loads = _read_csv(out / "expert_load.csv", start) if ckpt is not None else []
-    metrics_log = CsvLog(out / "metrics.csv" if log_files else None, METRIC_COLUMNS, metrics)
-    load_log = CsvLog(out / "expert_load.csv" if log_files else None, LOAD_COLUMNS, loads)
-    ckpt_path = out / "checkpoint.pt" if out is not None else None
-    last_good = start if ckpt is not None else None
-
-    def log(row: dict, load: list[dict]) -> None:
-        metrics.append(row)
-        loads.extend(load)
-        metrics_log.write([row])
-        load_log.write(load)
-
+    run_log = RunLog(out, state.step if ckpt is not None else None)
+    last_good, end = (state.step if ckpt is not None else None), min(stop_at or cfg.steps, cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and runtime.is_main), desc="train")
     try:
         # 2. Validation of the untrained model.
-        if start == 0:
-            empty = dict(train_loss=None, balance_loss=None, z_loss=None, dropped_fraction=None, tokens_per_s=None,
-                         lr=None)
-            log(dict(step=0, val_loss=evaluate(model, data.val, cfg, runtime), **empty), [])
-        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, disable=not (progress and runtime.is_main),
-                   desc="train", dynamic_ncols=True)
-        for step in bar:
+        if state.step == 0:
+            run_log.log(dict(step=0, train_loss=None, val_loss=evaluate(model, data.val, cfg, runtime),
+                             balance_loss=None, z_loss=None, dropped_fraction=None, tokens_per_s=None, lr=None), [])
+        while state.step < end:
+            # 3. A batch of random windows; one update.
             t0 = time.perf_counter()
-            # 3. A batch of random windows, forward in bf16 on CUDA (router in float32), loss.
-            x_BT, y_BT = get_batch(data.train, cfg.batch_size, cfg.model.seq_len, batch_gen, runtime.device)
-            with runtime.autocast():
-                loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
-            lr = scheduler.get_last_lr()[0]
-            # 4. NaN/inf guard, before the weights are touched.
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(_nonfinite_message("loss", loss.item(), step, ckpt_path, last_good))
-            # 5. Backward, clip, update.
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            if not torch.isfinite(norm):
-                raise NonFiniteLossError(_nonfinite_message("gradient norm", norm.item(), step, ckpt_path, last_good))
-            optimizer.step()
-            scheduler.step()
-            train_loss = ce.item()  # syncs the device, so the timing below is honest
-            tokens_per_s = x_BT.numel() / (time.perf_counter() - t0)
-            # 6. Validation, metrics, checkpoint.
+            x_BT, y_BT = get_batch(data.train, cfg.batch_size, cfg.model.seq_len, state.batch_gen, runtime.device)
+            train_loss, stats, lr = train_step(state, model, x_BT, y_BT, cfg, runtime)  # .item() syncs the device
+            tokens_per_s, step = x_BT.numel() / (time.perf_counter() - t0), state.step
+            # 4. Validation every eval_interval and at the last step; metrics; progress bar.
             val_loss = evaluate(model, data.val, cfg, runtime) if step % cfg.eval_interval == 0 or step == cfg.steps else None
             router, load = router_metrics(stats, x_BT.numel(), step)
-            log(dict(step=step, train_loss=train_loss, val_loss=val_loss, **router, tokens_per_s=tokens_per_s, lr=lr),
-                load)
+            run_log.log(dict(step=step, train_loss=train_loss, val_loss=val_loss, **router,
+                             tokens_per_s=tokens_per_s, lr=lr), load)
+            bar.update()
             bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            if ckpt_path is not None and runtime.is_main and (step % cfg.checkpoint_interval == 0 or step == end):
-                save_checkpoint(ckpt_path, model=raw_model, optimizer=optimizer, scheduler=scheduler,
-                                batch_gen=batch_gen, step=step, cfg=cfg)
+            # 5. Checkpoint (atomically) every checkpoint_interval and at the end of this call.
+            if out is not None and (step % cfg.checkpoint_interval == 0 or step == end):
+                save_checkpoint(out / "checkpoint.pt", state, cfg.to_dict())
                 last_good = step
-        bar.close()
+    except NonFiniteLossError as e:
+        kept = (f"the last good checkpoint {out / 'checkpoint.pt'} (step {last_good}) was kept"
+                if out is not None and last_good is not None else "no checkpoint had been written")
+        raise NonFiniteLossError(f"{e}; training stopped and {kept}. "
+                                 f"Try a lower --lr, a longer --warmup-steps or a smaller --init-scale.") from None
     finally:
-        metrics_log.close()
-        load_log.close()
+        bar.close()
+        run_log.close()
 
-    # 7. Samples from the final model.
+    # 6. Samples from the final model.
     samples = ""
     if end == cfg.steps:
-        samples = sample_text(raw_model, data, cfg.sample_chars, seed=cfg.seed, device=runtime.device)
-        if log_files:
+        samples = sample_text(state.model, data, cfg.sample_chars, seed=cfg.seed, device=runtime.device)
+        if out is not None:
             (out / "samples.txt").write_text(samples)
-    return TrainResult(raw_model, cfg, metrics, loads, samples, data, out)
-
-
-def _nonfinite_message(what: str, value: float, step: int, ckpt_path: Path | None, last_good: int | None) -> str:
-    kept = (f"the last good checkpoint {ckpt_path} (step {last_good}) was kept" if last_good is not None
-            else "no checkpoint had been written yet")
-    return (f"{what} is {value} at step {step}; training stopped and {kept}. "
-            f"Try a lower --lr, a longer --warmup-steps or a smaller --init-scale.")
+    return TrainResult(state.model, cfg, run_log.metrics, run_log.loads, samples, data, out_dir and Path(out_dir))
 
 
 def sample_text(model: SwitchLM, data: CharData, n_chars: int, seed: int = 0, temperature: float = 0.8,
@@ -520,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # NaN/inf guard, data checksum
+    except (RuntimeError, OSError) as e:  # NaN/inf guard, data checksum or download, file system
         print(f"error: {e}", file=sys.stderr)
         return 1
     last = result.metrics[-1] if result.metrics else {}

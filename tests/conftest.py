@@ -25,3 +25,14 @@ def char_data(shakespeare_root):
     from switch_core.data import load_char_data
 
     return load_char_data(shakespeare_root, download=False)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny models on one thread: faster at these sizes, and robust when other jobs share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,6 +12,8 @@ from switch_core.data import CharTokenizer, get_batch, load_tiny_shakespeare, sp
 
 N_CHARS = 1_115_394
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture
 def fake_download(monkeypatch, shakespeare_root):
@@ -72,7 +74,7 @@ def test_failed_download_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError("network down")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
-    with pytest.raises(OSError, match="network down"):
+    with pytest.raises(RuntimeError, match="could not download.*network down"):
         load_tiny_shakespeare(tmp_path)
     assert list((tmp_path / "tinyshakespeare").iterdir()) == []
 

@@ -12,6 +12,8 @@ from switch_core.model import ModelConfig, SwitchLM, flops_per_token
 
 TINY = dict(vocab_size=11, seq_len=16, n_layer=4, n_head=2, d_model=16, d_ff=32, n_experts=4)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def tiny(**overrides) -> SwitchLM:
     torch.manual_seed(0)

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import switch_core.train as train_mod
+from switch_core.checkpoint import METRIC_COLUMNS
 from switch_core.model import flops_per_token
 from switch_core.train import (NonFiniteLossError, TrainConfig, WarmupCosine, compute_loss, load_checkpoint, main,
                                make_config, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small(**overrides) -> TrainConfig:
@@ -36,7 +39,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 def test_run_writes_metrics_load_config_samples(tmp_path, char_data):
     result = train(small(), tmp_path, progress=False, data=char_data)
     rows = read_csv(tmp_path / "metrics.csv")
-    assert list(rows[0]) == train_mod.METRIC_COLUMNS
+    assert list(rows[0]) == METRIC_COLUMNS
     assert [r["step"] for r in rows] == [str(s) for s in range(9)]
     assert [r["step"] for r in rows if r["val_loss"]] == ["0", "4", "8"]  # step 0, every eval_interval, last
     assert rows[0]["train_loss"] == "" and all(float(r["train_loss"]) > 0 for r in rows[1:])
@@ -169,7 +172,7 @@ def test_presets_are_valid_and_equal_flops_dense_vs_switch():
 
 
 def test_cli_tiny_run(tmp_path, shakespeare_root):
-    env = {**os.environ, "SWITCH_CORE_DATA": str(shakespeare_root)}
+    env = {**os.environ, "SWITCH_CORE_DATA": str(shakespeare_root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "switch_core.train", "--preset", "tiny", "--steps", "5", "--out", "tmp"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
