@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -79,33 +80,40 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def sphinx_warnings(log: str) -> list[str]:
     log = ANSI.sub("", log)
-    lines = [line for line in log.splitlines() if SPHINX_WARNING.search(line)]
-    return lines + re.findall(r"build finished with problems.*", log)
+    return [line for line in log.splitlines() if SPHINX_WARNING.search(line)]
+
+
+@dataclass
+class BookBuild:
+    html: Path  # <tmp>/_build/html
+    returncode: int
+    seconds: float
+    log: str = field(repr=False)
 
 
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory):
-    """Build the book once into a temporary folder; return (html_dir, returncode, log)."""
+def built_book(tmp_path_factory) -> BookBuild:
+    """Build the book once, from the working tree into a temporary folder (the repo's _build is untouched)."""
     out = tmp_path_factory.mktemp("book_build")
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
            "build", str(REPO), "--path-output", str(out), "-W", "--keep-going"]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    log = proc.stdout + proc.stderr
-    print(f"book build: {time.monotonic() - start:.0f} s, exit {proc.returncode}")
-    return out / "_build" / "html", proc.returncode, log
+    build = BookBuild(out / "_build" / "html", proc.returncode, time.monotonic() - start,
+                      proc.stdout + proc.stderr)
+    print(f"book build: {build.seconds:.0f} s, exit {build.returncode}")
+    return build
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 60)
 def test_book_builds_without_warnings(built_book):
-    html, returncode, log = built_book
-    found = sphinx_warnings(log)
-    tail = "\n".join(ANSI.sub("", log).splitlines()[-40:])
-    assert returncode == 0 and not found, (
-        f"jupyter-book build -W --keep-going exited {returncode} with {len(found)} warning(s):\n"
+    found = sphinx_warnings(built_book.log)
+    tail = "\n".join(ANSI.sub("", built_book.log).splitlines()[-40:])
+    assert built_book.returncode == 0 and not found and "build succeeded" in ANSI.sub("", built_book.log), (
+        f"jupyter-book build -W --keep-going exited {built_book.returncode} with {len(found)} warning(s):\n"
         + "\n".join(found[:30]) + f"\n--- last lines of the build log ---\n{tail}"
     )
-    assert (html / "index.html").is_file()
+    assert (built_book.html / "index.html").is_file()
 
 
 def test_no_notebook_written_into_source_tree():
@@ -116,9 +124,8 @@ def test_no_notebook_written_into_source_tree():
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 60)
 @pytest.mark.parametrize("page", NOTEBOOK_PAGES)
 def test_page_offers_executed_notebook(built_book, page):
-    html, returncode, _ = built_book
-    page_html = html / f"{page}.html"
-    assert page_html.is_file(), f"{page}: not built (build exit {returncode})"
+    page_html = built_book.html / f"{page}.html"
+    assert page_html.is_file(), f"{page}: not built (build exit {built_book.returncode})"
     link = re.search(r'<a href="([^"]+\.ipynb)"[^>]*\n?[^>]*btn-download-notebook-button', page_html.read_text())
     assert link, f"{page}: no .ipynb entry in the page's download menu"
     notebook = (page_html.parent / link.group(1)).resolve()
@@ -362,9 +369,8 @@ def browser():
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 60 + PAGE_TIMEOUT_S)
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders_in_browser(built_book, browser, page):
-    html, returncode, _ = built_book
-    html_file = html / f"{page}.html"
-    assert html_file.is_file(), f"{page}: not built (build exit {returncode})"
+    html_file = built_book.html / f"{page}.html"
+    assert html_file.is_file(), f"{page}: not built (build exit {built_book.returncode})"
     problems = page_problems(page, inspect_page(browser, html_file))
     assert not problems, f"{len(problems)} problem(s) in the rendered page:\n" + "\n".join(problems)
 
