@@ -263,3 +263,23 @@ def flops_per_token(cfg: ModelConfig, training: bool = True) -> int:
         macs += cfg.top_k * ffn + D * cfg.n_experts if cfg.is_switch(i) else ffn
     macs += D * cfg.vocab_size
     return 2 * macs * (3 if training else 1)
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters from the config alone (no weights built): {"total": ..., "active": ...}.
+
+    active = what one token uses: top_k of the n_experts experts per Switch layer, everything else in full.
+    Matches SwitchLM(cfg).num_parameters(active=...); cheap enough for tables of large presets."""
+    D, F_, E, b = cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.bias
+    norm = 2 * D if b else D
+    attn = 4 * D * D + (4 * D if b else 0)
+    ffn = (3 if ACTIVATIONS[cfg.activation][1] else 2) * D * F_ + (F_ + D if b else 0)  # one expert = dense FFN
+    total = active = cfg.vocab_size * D + cfg.seq_len * D + norm  # tied embedding, positions, final norm
+    for i in range(cfg.n_layer):
+        if cfg.is_switch(i):
+            total += 2 * norm + attn + E * ffn + D * E
+            active += 2 * norm + attn + cfg.top_k * ffn + D * E
+        else:
+            total += 2 * norm + attn + ffn
+            active += 2 * norm + attn + ffn
+    return {"total": total, "active": active}

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from switch_core.model import ModelConfig, SwitchLM, flops_per_token
+from switch_core.model import ModelConfig, SwitchLM, flops_per_token, parameter_counts
 
 TINY = dict(vocab_size=11, seq_len=16, n_layer=4, n_head=2, d_model=16, d_ff=32, n_experts=4)
 
@@ -157,3 +157,11 @@ def test_router_gets_gradient_from_the_language_model_loss():
 
 def test_config_is_a_plain_dataclass():
     assert dataclasses.is_dataclass(ModelConfig) and ModelConfig().vocab_size == 65
+
+
+@pytest.mark.parametrize("overrides", [dict(switch_every=0), dict(switch_every=2), dict(switch_every=1, top_k=2),
+                                       dict(bias=True, activation="geglu", switch_every=2)])
+def test_parameter_counts_from_config_match_the_built_model(overrides):
+    model = tiny(**overrides)
+    counts = parameter_counts(model.cfg)
+    assert counts == {"total": model.num_parameters(), "active": model.num_parameters(active=True)}
