@@ -312,6 +312,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     (checkpoint written, no samples); a later resume=True call continues exactly. data defaults to
     Tiny Shakespeare from cfg.data_root."""
     # 1. Run directory, device, data; model, optimizer, schedule and RNGs, fresh or from the checkpoint.
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+        raise ValueError(f"stop_at must be an int >= 1 or None, got {stop_at!r}")
     out = prepare_out_dir(out_dir, resume, overwrite)
     ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
     if ckpt is not None:
@@ -394,15 +396,17 @@ def _parse_value(annotation: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """Run options, then one flag per ModelConfig / TrainConfig field (--n-experts, --capacity-factor, ...)."""
+    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for name, o in PRESETS.items())
     p = argparse.ArgumentParser(prog="python -m switch_core.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=f"presets (overrides of the field defaults above):\n{presets}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="size preset, a dict of config overrides (default: cpu; on --resume: the checkpoint's)")
     p.add_argument("--out", default=None, help="run directory (metrics.csv, checkpoint.pt, ...); none = no files")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--dense", action="store_true", help="dense baseline: no Switch layers (--switch-every 0)")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if preempted")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if preempted (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
         group = p.add_argument_group(f"{title} config ({cls.__name__} fields)")
@@ -413,10 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
             default = f.default if f.default is not MISSING else f.default_factory()
             if f.type == "bool":
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=f"(default: {default})")
+                                   default=argparse.SUPPRESS, help=f"default {default}")
             else:
                 group.add_argument(flag, dest=f.name, type=_parse_value(f.type), default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=f"(default: {default})")
+                                   metavar=f.name.upper(), help=f"default {default}")
     return p
 
 
