@@ -108,6 +108,17 @@ def main() -> None:
             results["rows"].append({"experts": E, "layer": name, "median_ms": 1e3 * m, "ratio_to_dense": ratio})
         if dev == "cuda":
             print(f"  loop / auto speedup: {med['switch loop'] / med['switch auto']:.2f}x")
+            # Any host-device synchronisation inside the auto layer's forward/backward raises here.
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                time_fwd_bwd(fns["switch auto"], x, "none")
+                print("  host syncs in auto forward+backward: none (torch.cuda.set_sync_debug_mode('error'))")
+                results["no_host_sync"] = True
+            except RuntimeError as e:
+                print(f"  host sync found: {e}")
+                results["no_host_sync"] = False
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
