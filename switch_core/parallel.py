@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -58,6 +59,35 @@ def _check_device(device: torch.device, group) -> None:
 def _src(group) -> int:
     """Global rank of the group's first rank (the source of broadcasts)."""
     return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+# ------------------------------------------------------------------------------------------ the process group
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def setup_distributed(device: str | torch.device = "auto", timeout_s: float = 600.0) -> tuple[torch.device, int, int]:
+    """Join the process group that torchrun describes in the environment; returns (device, rank, world_size).
+
+    CUDA: the NCCL backend on this process's GPU, cuda:LOCAL_RANK. CPU: gloo. RuntimeError when the process was
+    not started by a launcher (e.g. ``torchrun --nproc_per_node=2 ...``)."""
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"expert parallelism needs one process per rank, started by torchrun "
+                           f"(e.g. torchrun --nproc_per_node=2 ...); {', '.join(missing)} not set")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" \
+        else torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def teardown_distributed() -> None:
+    """Leave the process group (at the end of a run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------- all-to-all in autograd

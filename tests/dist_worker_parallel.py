@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ from torch import nn
 from switch_core import SwitchFeedForward
 from switch_core.parallel import (ExpertParallelSwitch, all_reduce_mean, clip_grad_norm_, expert_parameters,
                                   gather_full_state_dict, load_sharded_checkpoint, rank_checkpoint_path,
-                                  save_sharded_checkpoint, shard_experts, shard_model_experts, sync_gradients)
+                                  save_sharded_checkpoint, setup_distributed, shard_experts, shard_model_experts,
+                                  sync_gradients, teardown_distributed)
 
 WORLD = 2
 D, F_ = 8, 16
@@ -50,7 +50,7 @@ LAYER_CASES += [
     _layer_case(4, 1.25, "position", 1, True, name="bfloat16", dtype=torch.bfloat16),
 ]
 OTHER_CASES = ["error-n-experts-not-divisible", "error-not-a-switch-layer", "error-wrong-device-for-backend",
-               "shard-model-experts", "model-train-step-gradients", "gather-full-state-dict", "all-reduce-mean",
+               "shard-model-experts", "model-train-step-gradients", "three-adamw-steps-match-one-process", "gather-full-state-dict", "all-reduce-mean",
                "checkpoint-roundtrip", "checkpoint-wrong-layout"]
 CASE_NAMES = [c["name"] for c in LAYER_CASES] + OTHER_CASES
 
@@ -160,6 +160,27 @@ def check_model_step(rank) -> list[str]:
     return errs
 
 
+def check_adamw_steps(rank) -> list[str]:
+    """3 AdamW steps with clipping: the sharded model, gathered, equals one process training on the mean loss."""
+    ref, model = tiny_model(), shard_model_experts(tiny_model())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
+    for step in range(3):
+        for opt in opts:
+            opt.zero_grad()
+        for w in range(WORLD):
+            (model_loss(ref, w + 10 * step) / WORLD).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        model_loss(model, rank + 10 * step).backward()
+        sync_gradients(model)
+        clip_grad_norm_(model, 0.05)
+        for opt in opts:
+            opt.step()
+    full, errs = gather_full_state_dict(model), []
+    for k, v in ref.state_dict().items():
+        errs += diff(k, full[k], v, 1e-5)
+    return errs
+
+
 def check_shard_model(rank) -> list[str]:
     model = shard_model_experts(tiny_model())
     layers = [m for m in model.modules() if isinstance(m, SwitchFeedForward)]
@@ -211,9 +232,8 @@ def check_wrong_layout(rank, out_dir: Path) -> list[str]:
 
 
 def main(out_dir: Path) -> int:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
-    assert dist.get_world_size() == WORLD
+    device, rank, world = setup_distributed("cpu", timeout_s=60)
+    assert (device.type, world) == ("cpu", WORLD) and dist.get_backend() == "gloo"
     torch.set_num_threads(1)
     results = {}
     others = {
@@ -225,6 +245,7 @@ def main(out_dir: Path) -> int:
             lambda: shard_experts(SwitchFeedForward(D, F_, 4).to("meta")), ValueError, ["meta", "gloo"]),
         "shard-model-experts": lambda: check_shard_model(rank),
         "model-train-step-gradients": lambda: check_model_step(rank),
+        "three-adamw-steps-match-one-process": lambda: check_adamw_steps(rank),
         "gather-full-state-dict": lambda: check_gather(rank),
         "all-reduce-mean": lambda: diff("mean", all_reduce_mean(torch.tensor([1.0 + rank, 3.0])),
                                         torch.tensor([1.5, 3.0]), 0.0),
@@ -242,7 +263,7 @@ def main(out_dir: Path) -> int:
         code = 1
     (out_dir / f"rank{rank}.json").write_text(json.dumps({k: "ok" if not v else "; ".join(v)
                                                           for k, v in results.items()}, indent=1))
-    dist.destroy_process_group()
+    teardown_distributed()
     return code
 
 

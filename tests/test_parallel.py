@@ -17,8 +17,8 @@ import pytest
 import torch.distributed as dist
 
 from switch_core import SwitchFeedForward
-from switch_core.parallel import (_source_to_expert_order, rank_checkpoint_path, shard_experts,
-                                  shard_model_experts)
+from switch_core.parallel import (LAUNCHER_ENV, _source_to_expert_order, rank_checkpoint_path, setup_distributed,
+                                  shard_experts, shard_model_experts)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker_parallel.py")
@@ -77,6 +77,13 @@ def test_without_process_group_raises():
         shard_experts(SwitchFeedForward(8, 16, 4))
     with pytest.raises(RuntimeError, match="init_process_group"):
         shard_model_experts(SwitchFeedForward(8, 16, 4))
+
+
+def test_setup_distributed_outside_torchrun_raises(monkeypatch):
+    for k in LAUNCHER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        setup_distributed("cpu")
 
 
 def test_regroup_received_rows_by_expert():
