@@ -1,5 +1,5 @@
-"""Expert parallelism: every rank holds E/W of the experts and tokens travel to them by all-to-all (paper §5.4-5.6,
-Fig. 17; GShard; Mesh TensorFlow).
+"""Expert parallelism: every rank holds E/W of the experts and tokens travel to them by all-to-all (paper §5;
+GShard; Mesh TensorFlow). Book chapter "Scaling out".
 
 One Switch layer on W ranks, each with its own T tokens (its own capacity group, as in Mesh TensorFlow):
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,8 +49,8 @@ LAYER_CASES += [
     _layer_case(4, 1.25, "position", 1, True, name="bfloat16", dtype=torch.bfloat16),
 ]
 OTHER_CASES = ["error-n-experts-not-divisible", "error-not-a-switch-layer", "error-wrong-device-for-backend",
-               "shard-model-experts", "model-train-step-gradients", "three-adamw-steps-match-one-process", "gather-full-state-dict", "all-reduce-mean",
-               "checkpoint-roundtrip", "checkpoint-wrong-layout"]
+               "shard-model-experts", "model-train-step-gradients", "three-adamw-steps-match-one-process",
+               "gather-full-state-dict", "all-reduce-mean", "checkpoint-roundtrip", "checkpoint-wrong-layout"]
 CASE_NAMES = [c["name"] for c in LAYER_CASES] + OTHER_CASES
 
 
