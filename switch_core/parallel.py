@@ -84,6 +84,12 @@ def setup_distributed(device: str | torch.device = "auto", timeout_s: float = 60
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def barrier(group=None) -> None:
+    """Wait until every rank of the group gets here."""
+    _check_group(group)
+    dist.barrier(group=group)
+
+
 def teardown_distributed() -> None:
     """Leave the process group (at the end of a run)."""
     if dist.is_available() and dist.is_initialized():
