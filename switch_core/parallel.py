@@ -56,6 +56,12 @@ def _check_device(device: torch.device, group) -> None:
                          f"on {'/'.join(ok)} tensors only: move the model (e.g. CUDA with nccl, CPU with gloo)")
 
 
+def _comm_device(group) -> torch.device:
+    """Where small bookkeeping tensors must live for this group's backend (NCCL only moves CUDA tensors)."""
+    backend = str(dist.get_backend(group)).lower()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def _src(group) -> int:
     """Global rank of the group's first rank (the source of broadcasts)."""
     return 0 if group is None else dist.get_global_rank(group, 0)
@@ -383,8 +389,9 @@ def load_sharded_checkpoint(path: str | os.PathLike, group=None) -> dict:
     target = rank_checkpoint_path(path, rank)
     state = torch.load(target, map_location="cpu", weights_only=True) if target.exists() else None
     layout = None if state is None else state.get("expert_parallel")
-    ok = torch.tensor([layout == {"rank": rank, "world_size": world}], dtype=torch.long)
-    step = torch.tensor([-1 if state is None else int(state.get("step", 0))], dtype=torch.long)
+    dev = _comm_device(group)
+    ok = torch.tensor([layout == {"rank": rank, "world_size": world}], dtype=torch.long, device=dev)
+    step = torch.tensor([-1 if state is None else int(state.get("step", 0))], dtype=torch.long, device=dev)
     steps = [torch.zeros_like(step) for _ in range(world)]
     dist.all_gather(steps, step, group=group)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
