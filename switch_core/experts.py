@@ -3,6 +3,7 @@
 Expert e computes  act(x · w_in[e] + b_in[e]) · w_out[e] + b_out[e]  (gated activations: act(x · w_gate[e]) ⊙ (x · w_in[e] + b_in[e])).
 
 Backends, all computing the same thing (tests hold them to each other):
+
 - ``"loop"``: the readable reference: for each expert, gather its tokens, run its FFN, scatter back.
 - ``"padded"``: the capacity-shaped layout [E, C, D] and batched matmuls; static shapes (torch.compile, CUDA graphs).
 - ``"grouped"``: tokens sorted by expert into one [A, D] block and one grouped matmul per projection
@@ -83,9 +84,10 @@ class _Permute(torch.autograd.Function):
 
 def _gmm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     """Rows offs[e-1]:offs[e] of x times w[e]. x_SD [S, D], w_EDF [E, D, F], offs_E int32 [E] -> [S, F]."""
-    if _grouped_mm is not None and grouped_mm_supported(x_SD.device.type, x_SD.dtype):
+    if (_grouped_mm is not None and grouped_mm_supported(x_SD.device.type, x_SD.dtype)
+            and grouped_mm_aligned(x_SD.dtype, *w_EDF.shape[1:])):
         return _ContiguousGrad.apply(_grouped_mm(x_SD, w_EDF, offs=offs_E))
-    # NOTE: fallback for builds/dtypes without grouped_mm: one matmul per expert segment. `tolist()` is a
+    # NOTE: fallback for builds/dtypes/sizes without grouped_mm: one matmul per expert segment. `tolist()` is a
     # host-device sync; the grouped path above has none.
     bounds = [0] + offs_E.tolist()
     return torch.cat([x_SD[a:b] @ w_EDF[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])

@@ -99,3 +99,13 @@ def test_loop_backend_does_sync_so_the_check_can_fail():
     with pytest.raises(Exception, match="DataDependent|data-dependent|_local_scalar_dense|nonzero"):
         with FakeTensorMode(allow_non_fake_inputs=True):
             layer(torch.randn(8, 16))
+
+
+def test_grouped_backend_falls_back_for_sizes_grouped_mm_cannot_take():
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(6, 10, 4, capacity_factor=1.0)  # 6 and 10 floats are not 16-byte multiples
+    x = torch.randn(12, 6)
+    ref = _run(layer, "loop", x, None)
+    out = _run(layer, "grouped", x, None)
+    assert_close(out[0], ref[0])
+    assert_close(out[2]["experts.w_in"], ref[2]["experts.w_in"])
