@@ -83,6 +83,21 @@ def sphinx_warnings(log: str) -> list[str]:
     return [line for line in log.splitlines() if SPHINX_WARNING.search(line)]
 
 
+HINTS = {
+    "docstring of switch_core": "autodoc parses docstrings as reStructuredText: put a blank line before a "
+                                "list, and end a line with '::' before an indented literal block",
+    "could not find bibtex key": "add the entry to book/references.bib, and end the page with a "
+                                 "{bibliography} directive with ':filter: docname in docnames'",
+    "Executing notebook failed": "run the chapter alone: python -m pytest --nbval-lax --nbval-current-env book/<name>.md",
+    "isn't included in any toctree": "list the page in _toc.yml, or exclude it in _config.yml",
+}
+
+
+def hints(found: list[str]) -> str:
+    tips = {tip for line in found for key, tip in HINTS.items() if key in line}
+    return "".join(f"\nhint: {tip}" for tip in sorted(tips))
+
+
 @dataclass
 class BookBuild:
     html: Path  # <tmp>/_build/html
@@ -111,7 +126,7 @@ def test_book_builds_without_warnings(built_book):
     tail = "\n".join(ANSI.sub("", built_book.log).splitlines()[-40:])
     assert built_book.returncode == 0 and not found and "build succeeded" in ANSI.sub("", built_book.log), (
         f"jupyter-book build -W --keep-going exited {built_book.returncode} with {len(found)} warning(s):\n"
-        + "\n".join(found[:30]) + f"\n--- last lines of the build log ---\n{tail}"
+        + "\n".join(found[:30]) + hints(found) + f"\n--- last lines of the build log ---\n{tail}"
     )
     assert (built_book.html / "index.html").is_file()
 
