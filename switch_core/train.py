@@ -48,12 +48,12 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, d_model=32, d_ff=64, seq_len=32, n_experts=4, batch_size=8, steps=20,
                  warmup_steps=5, eval_interval=10, eval_batches=2, sample_chars=64),
     # The training chapter's live run: about 1.5 minutes per run (dense or Switch) on a 2-core CPU.
-    "cpu": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, seq_len=128, n_experts=8, batch_size=16, steps=600,
-                warmup_steps=50, eval_interval=100, eval_batches=10),
+    "cpu": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, seq_len=128, n_experts=8, batch_size=32, steps=400,
+                warmup_steps=40, lr=2e-3, min_lr=2e-4, eval_interval=100, eval_batches=10),
     # Full size for one H200 in bf16: minutes.
     "gpu": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, seq_len=256, n_experts=16, dropout=0.2,
-                batch_size=64, steps=5000, warmup_steps=200, eval_interval=250, eval_batches=20,
-                checkpoint_interval=1000),
+                batch_size=64, steps=5000, warmup_steps=200, lr=6e-4, min_lr=6e-5, eval_interval=250,
+                eval_batches=20, checkpoint_interval=1000),
 }
 
 
@@ -62,11 +62,11 @@ class TrainConfig:
     """Optimisation and bookkeeping; `model` holds the architecture. Bad values raise ValueError naming the field."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 600  # optimizer updates
-    batch_size: int = 16
-    lr: float = 1e-3  # peak learning rate, after linear warmup
-    min_lr: float = 1e-4  # end of the cosine decay
-    warmup_steps: int = 50
+    steps: int = 400  # optimizer updates
+    batch_size: int = 32
+    lr: float = 2e-3  # peak learning rate, after linear warmup
+    min_lr: float = 2e-4  # end of the cosine decay
+    warmup_steps: int = 40
     weight_decay: float = 0.1  # on matrices and embeddings, not on norms and biases
     beta1: float = 0.9
     beta2: float = 0.99

@@ -130,8 +130,8 @@ def test_existing_run_is_not_overwritten_without_asking(tmp_path, char_data):
 
 def test_resume_refuses_a_different_config(tmp_path, char_data):
     train(small(steps=2), tmp_path, progress=False, data=char_data)
-    with pytest.raises(ValueError, match=r"lr \(checkpoint 0.001, given 0.002\)"):
-        train(small(steps=4, lr=2e-3), tmp_path, resume=True, progress=False, data=char_data)
+    with pytest.raises(ValueError, match=r"lr \(checkpoint 0.002, given 0.003\)"):
+        train(small(steps=4, lr=3e-3), tmp_path, resume=True, progress=False, data=char_data)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(small(), tmp_path / "empty", resume=True, progress=False, data=char_data)
 
