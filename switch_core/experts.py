@@ -90,7 +90,8 @@ def _gmm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     # NOTE: fallback for builds/dtypes/sizes without grouped_mm: one matmul per expert segment. `tolist()` is a
     # host-device sync; the grouped path above has none.
     bounds = [0] + offs_E.tolist()
-    return torch.cat([x_SD[a:b] @ w_EDF[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    w_list = w_EDF.unbind(0)  # not w_EDF[e]: see Experts._expert_weights
+    return torch.cat([x_SD[a:b] @ w for w, a, b in zip(w_list, bounds[:-1], bounds[1:])])
 
 
 class Experts(nn.Module):
@@ -130,16 +131,26 @@ class Experts(nn.Module):
     # -- one FFN over rows that all belong to expert e (the readable form) ------------------------------------
     def ffn(self, x_ND: Tensor, e: int) -> Tensor:
         """Expert e on its tokens: x_ND [N, D] -> [N, D], in x's dtype."""
-        dt = x_ND.dtype
-        h_NF = x_ND @ self.w_in[e].to(dt)
-        if self.b_in is not None:
-            h_NF = h_NF + self.b_in[e].to(dt)
-        h_NF = self.act(x_ND @ self.w_gate[e].to(dt)) * h_NF if self.gated else self.act(h_NF)
+        return self._ffn(x_ND, *self._expert_weights(x_ND.dtype)[e])
+
+    def _expert_weights(self, dt: torch.dtype) -> list[tuple]:
+        """Per-expert (w_in, w_gate, w_out, b_in, b_out) in dtype dt (None where absent).
+
+        NOTE: one ``unbind`` per tensor rather than ``w_in[e]`` per expert: indexing would make backward build a
+        full [E, ...] gradient for every expert and add them up (quadratic in E)."""
+        def split(w):
+            return w.to(dt).unbind(0) if w is not None else [None] * self.n_experts
+        return list(zip(*(split(w) for w in (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_out))))
+
+    def _ffn(self, x_ND: Tensor, w_in, w_gate, w_out, b_in, b_out) -> Tensor:
+        """act(x · w_in + b_in) · w_out + b_out for one expert's weights; x_ND [N, D] -> [N, D]."""
+        h_NF = x_ND @ w_in
+        if b_in is not None:
+            h_NF = h_NF + b_in
+        h_NF = self.act(x_ND @ w_gate) * h_NF if self.gated else self.act(h_NF)
         h_NF = F.dropout(h_NF, self.expert_dropout, self.training)
-        y_ND = h_NF @ self.w_out[e].to(dt)
-        if self.b_out is not None:
-            y_ND = y_ND + self.b_out[e].to(dt)
-        return y_ND
+        y_ND = h_NF @ w_out
+        return y_ND + b_out if b_out is not None else y_ND
 
     def forward(self, x_TD: Tensor, d: Dispatch, backend: str) -> Tensor:
         """Expert output for every assignment: x_TD [T, D] -> [A, D] in x's dtype.
@@ -157,11 +168,12 @@ class Experts(nn.Module):
     def _loop(self, x_TD: Tensor, d: Dispatch) -> Tensor:
         A = d.expert_A.shape[0]
         K = A // x_TD.shape[0]
-        y_AD = x_TD.new_zeros(A, self.d_model)
-        for e in range(self.n_experts):
+        rows, outs = [], []
+        for e, weights in enumerate(self._expert_weights(x_TD.dtype)):
             idx_N = torch.nonzero(d.keep_A & (d.expert_A == e)).squeeze(1)  # host sync: reference path
-            y_AD = y_AD.index_copy(0, idx_N, self.ffn(x_TD[idx_N // K], e))
-        return y_AD
+            rows.append(idx_N)
+            outs.append(self._ffn(x_TD[idx_N // K], *weights))
+        return x_TD.new_zeros(A, self.d_model).index_copy(0, torch.cat(rows), torch.cat(outs))
 
     def _padded(self, x_TD: Tensor, d: Dispatch) -> Tensor:
         E, D, dt = self.n_experts, self.d_model, x_TD.dtype
