@@ -96,10 +96,14 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr > self.lr:
             raise ValueError(f"lr must be > 0 and min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda", "mps")
+                                                    or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
