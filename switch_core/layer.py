@@ -144,7 +144,10 @@ class SwitchFeedForward(nn.Module):
     takes no capacity and gets zero output. Losses in ``stats`` are unweighted.
 
     capacity_factor / eval_capacity_factor: slots per expert in train / eval mode (eq. 3); None = dropless.
+        T in eq. 3 counts every token of the call, padding included, so a padded batch has the capacity of
+        its full shape (static shapes, as in Mesh TensorFlow).
     drop_policy: "position" (paper), "priority" (V-MoE) or "random": who keeps a slot when an expert overflows.
+        "random" draws from torch's global generator, in eval mode too.
     jitter_eps: multiplicative U(1-eps, 1+eps) noise on the router input in training (App. C).
     dropout: on the layer's output; expert_dropout: on the experts' hidden activations (§2.4, Table 4).
     backend: "loop" (reference), "padded", "grouped" or "auto" (the fastest correct one for the input)."""
@@ -180,13 +183,16 @@ class SwitchFeedForward(nn.Module):
 
     def resolve_backend(self, x: Tensor) -> str:
         """The backend "auto" picks for x: grouped matmuls where this torch build has them for x's device and
-        compute dtype (and the sizes meet their 16-byte alignment), otherwise the capacity-padded batched form."""
+        compute dtype (and the sizes meet their 16-byte alignment), otherwise the capacity-padded batched form,
+        except when dropless: a padded buffer would then hold T rows per expert, so the grouped layout (with its
+        per-expert fallback) is used instead."""
         if self.backend != "auto":
             return self.backend
         dt = compute_dtype(x)
         if grouped_mm_supported(x.device.type, dt) and grouped_mm_aligned(dt, self.d_model, self.d_ff):
             return "grouped"
-        return "padded"
+        dropless = (self.capacity_factor if self.training else self.eval_capacity_factor) is None
+        return "grouped" if dropless else "padded"
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, SwitchStats]:
         check_input(x, self.d_model, token_mask)

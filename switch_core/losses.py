@@ -23,7 +23,7 @@ def _real_tokens(mask_T: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None = None) -> Tensor:
-    """Switch auxiliary loss, N · Σ_i f_i · P_i (paper eq. 4). 1.0 when routing is uniform.
+    """Switch auxiliary loss, N · Σ_i f_i · P_i (paper eq. 4). 1.0 when routing is uniform (or P is).
 
     probs_TE: float32 router softmax [T, E].  first_choice_T: argmax expert [T] (long).
     mask_T: optional bool [T], True for real tokens; padding counts in neither f nor P.

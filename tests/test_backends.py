@@ -78,6 +78,8 @@ def test_auto_picks_grouped_where_grouped_mm_runs():
     assert layer.resolve_backend(x) == expected
     assert layer.resolve_backend(x.double()) == "padded"  # grouped_mm has no float64 kernel
     assert SwitchFeedForward(6, 10, 4).resolve_backend(torch.randn(4, 6)) == "padded"  # not 16-byte aligned
+    # dropless: a padded buffer would need T rows per expert, so the grouped layout (fallback matmuls) is used
+    assert SwitchFeedForward(6, 10, 4, capacity_factor=None).resolve_backend(torch.randn(4, 6)) == "grouped"
 
 
 @pytest.mark.parametrize("backend", ["grouped", "padded"])
