@@ -113,9 +113,13 @@ def built_book(tmp_path_factory) -> BookBuild:
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
            "build", str(REPO), "--path-output", str(out), "-W", "--keep-going"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    build = BookBuild(out / "_build" / "html", proc.returncode, time.monotonic() - start,
-                      proc.stdout + proc.stderr)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        returncode, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        partial = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        returncode, log = -1, partial + f"\nERROR: the book build did not finish within {BUILD_TIMEOUT_S} s"
+    build = BookBuild(out / "_build" / "html", returncode, time.monotonic() - start, log)
     print(f"book build: {build.seconds:.0f} s, exit {build.returncode}")
     return build
 
