@@ -84,8 +84,9 @@ def sphinx_warnings(log: str) -> list[str]:
 
 
 HINTS = {
-    "docstring of switch_core": "autodoc parses docstrings as reStructuredText: put a blank line before a "
-                                "list, and end a line with '::' before an indented literal block",
+    "docstring of switch_core": "autodoc parses docstrings as reStructuredText: leave a blank line before "
+                                "and after a list or an indented block, or end the line before an aligned "
+                                "table with '::' to show it as a literal block",
     "could not find bibtex key": "add the entry to book/references.bib, and end the page with a "
                                  "{bibliography} directive with ':filter: docname in docnames'",
     "Executing notebook failed": "run the chapter alone: python -m pytest --nbval-lax --nbval-current-env book/<name>.md",
@@ -133,6 +134,31 @@ def test_book_builds_without_warnings(built_book):
         + "\n".join(found[:30]) + hints(found) + f"\n--- last lines of the build log ---\n{tail}"
     )
     assert (built_book.html / "index.html").is_file()
+
+
+def api_modules(api_page: Path = REPO / "book" / "api.md") -> list[str]:
+    return re.findall(r"^\.\. automodule:: (\S+)", api_page.read_text(), re.MULTILINE)
+
+
+def test_api_docstrings_render(tmp_path):
+    """Fast feedback for module authors: autodoc + napoleon on the API page's modules, warnings as errors.
+
+    The book build catches the same warnings, but only after executing every chapter."""
+    sphinx_config = yaml.safe_load((REPO / "_config.yml").read_text())["sphinx"]["config"]
+    settings = {k: v for k, v in sphinx_config.items() if k.startswith(("autodoc_", "napoleon_"))}
+    (tmp_path / "conf.py").write_text(
+        'extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]\n'
+        + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    modules = api_modules()
+    (tmp_path / "index.rst").write_text("API\n===\n\n" + "".join(
+        f".. automodule:: {m}\n   :members:\n\n" for m in modules))
+    proc = subprocess.run([sys.executable, "-m", "sphinx", "-b", "dummy", "-W", "--keep-going", "-q",
+                           str(tmp_path), str(tmp_path / "_out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    found = sphinx_warnings(proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and not found, (
+        f"docstrings of {', '.join(modules)} do not render cleanly in the API reference:\n"
+        + "\n".join(found or [proc.stderr[-2000:]]) + hints(found))
 
 
 def test_no_notebook_written_into_source_tree():
