@@ -155,8 +155,8 @@ def test_api_docstrings_render(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sphinx", "-b", "dummy", "-W", "--keep-going", "-q",
                            str(tmp_path), str(tmp_path / "_out")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    found = sphinx_warnings(proc.stdout + proc.stderr)
-    assert proc.returncode == 0 and not found, (
+    returncode, found = proc.returncode, sphinx_warnings(proc.stdout + proc.stderr)
+    assert returncode == 0 and not found, (
         f"docstrings of {', '.join(modules)} do not render cleanly in the API reference:\n"
         + "\n".join(found or [proc.stderr[-2000:]]) + hints(found))
 
