@@ -38,7 +38,8 @@ from .checkpoint import RunLog, load_checkpoint, prepare_out_dir, save_checkpoin
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM
 
-# Fields a resumed run may change; any other difference from the checkpoint's config is refused.
+# Fields a resumed run may change; any other difference from the checkpoint's config is refused. (A new `steps`
+# re-times the cosine schedule from the resumed step on, so the run is no longer identical to an uninterrupted one.)
 RESUMABLE_FIELDS = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "sample_chars",
                     "data_root")
 
