@@ -143,14 +143,20 @@ class SwitchFeedForward(nn.Module):
     is a :class:`SwitchStats`. ``token_mask`` (bool, x.shape[:-1]) marks real tokens: padding is not routed,
     takes no capacity and gets zero output. Losses in ``stats`` are unweighted.
 
-    capacity_factor / eval_capacity_factor: slots per expert in train / eval mode (eq. 3); None = dropless.
-        T in eq. 3 counts every token of the call, padding included, so a padded batch has the capacity of
-        its full shape (static shapes, as in Mesh TensorFlow).
-    drop_policy: "position" (paper), "priority" (V-MoE) or "random": who keeps a slot when an expert overflows.
-        "random" draws from torch's global generator, in eval mode too.
-    jitter_eps: multiplicative U(1-eps, 1+eps) noise on the router input in training (App. C).
-    dropout: on the layer's output; expert_dropout: on the experts' hidden activations (§2.4, Table 4).
-    backend: "loop" (reference), "padded", "grouped" or "auto" (the fastest correct one for the input)."""
+    Args:
+        d_model, d_ff, n_experts: token width, each expert's hidden width, number of experts E.
+        top_k: experts per token; 1 is Switch, k > 1 the MoE baseline (gates renormalised over the k).
+        capacity_factor, eval_capacity_factor: slots per expert in train / eval mode (eq. 3); None = dropless.
+            T in eq. 3 counts every token of the call, padding included, so a padded batch has the capacity
+            of its full shape (static shapes, as in Mesh TensorFlow).
+        drop_policy: "position" (paper), "priority" (V-MoE) or "random": who keeps a slot when an expert
+            overflows. "random" draws from torch's global generator, in eval mode too.
+        jitter_eps: multiplicative U(1-eps, 1+eps) noise on the router input in training (App. C).
+        activation: "relu", "gelu", "silu", or gated "geglu" / "swiglu" (adds ``experts.w_gate``).
+        dropout: on the layer's output.  expert_dropout: on the experts' hidden activations (§2.4, Table 4).
+        bias: add ``experts.b_in [E, d_ff]`` and ``experts.b_out [E, d_model]``.
+        init_scale: truncated normal with std sqrt(init_scale / fan_in) (§2.4; the paper uses 0.1).
+        backend: "loop" (reference), "padded", "grouped" or "auto" (the fastest correct one for the input)."""
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, *, top_k: int = 1, capacity_factor: float | None = 1.25,
                  eval_capacity_factor: float | None = 2.0, drop_policy: str = "position", jitter_eps: float = 0.0,

@@ -3,7 +3,8 @@
 Loss = cross-entropy + balance_coef · Σ_layers balance_loss + z_coef · Σ_layers z_loss: the paper adds the
 auxiliary loss "to the total loss for each Switch layer" (§2.2), so it is summed over Switch layers, not averaged.
 
-Files in the run directory (`out_dir`, CLI `--out`):
+Files in the run directory (`out_dir`, CLI `--out`)::
+
   metrics.csv      one row per step: step, train_loss, val_loss, balance_loss, z_loss, dropped_fraction,
                    tokens_per_s, lr. Step 0 holds only val_loss (the untrained model); val_loss is empty where
                    not evaluated. train_loss is the cross-entropy alone (comparable to val_loss);
