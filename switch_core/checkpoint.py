@@ -29,15 +29,15 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> Path | None:
         return None
     out = Path(out_dir)
     if resume:
-        if not (out / "checkpoint.pt").exists():
+        if not any(out.glob("checkpoint*.pt")):  # checkpoint.pt, or checkpoint.rank{r}.pt (expert parallel)
             raise FileNotFoundError(f"cannot resume: no checkpoint at {out / 'checkpoint.pt'}")
         return out
-    if (out / "metrics.csv").exists() or (out / "checkpoint.pt").exists():
+    if (out / "metrics.csv").exists() or any(out.glob("checkpoint*.pt")):
         if not overwrite:
             raise FileExistsError(f"{out} already holds a run (metrics.csv/checkpoint.pt); pass --resume to "
                                   f"continue it or --overwrite to replace it")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        for path in [*(out / name for name in RUN_FILES), *out.glob("checkpoint.rank*.pt")]:
+            path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -88,14 +88,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state, config: dict) -> None:
-    """Everything needed to continue bit-exactly (a train.TrainState and the config as a dict), written to a
-    temporary file and renamed into place."""
-    ckpt = dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+def checkpoint_dict(state, config: dict) -> dict:
+    """Everything needed to continue bit-exactly: a train.TrainState, this process's RNGs and the config."""
+    return dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
                 scheduler=state.scheduler.state_dict(), rng=rng_state(), batch_rng=state.batch_gen.get_state(),
                 step=state.step, config=config)
+
+
+def save_checkpoint(path: Path, state, config: dict) -> None:
+    """`checkpoint_dict`, written to a temporary file and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
+    torch.save(checkpoint_dict(state, config), tmp)
     os.replace(tmp, path)
 
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import RunLog, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
+from . import parallel
+from .checkpoint import RunLog, checkpoint_dict, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM
 
@@ -82,6 +83,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     sample_chars: int = 500
     data_root: str | None = None  # default: $SWITCH_CORE_DATA, else ~/.cache/switch_core
+    expert_parallel: bool = False  # experts split over the ranks of a torchrun launch; batch_size is per rank
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -145,6 +147,18 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean of a tensor over the ranks (itself on one process)."""
+        return parallel.all_reduce_mean(value) if self.distributed else value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            parallel.barrier()
+
     def autocast(self):
         """bf16 autocast on CUDA (the Switch router keeps itself in float32); full float32 elsewhere."""
         if self.device.type == "cuda":
@@ -154,6 +168,8 @@ class Runtime:
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Pick the device. The place where a distributed launcher (torchrun) will be set up."""
+    if cfg.expert_parallel:  # one process per rank, started by torchrun
+        return Runtime(*parallel.setup_distributed(cfg.device))
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,9 +276,11 @@ def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainS
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = SwitchLM(cfg.model).to(runtime.device)
+    if runtime.distributed:  # before the optimizer sees the parameters: rank r keeps its slice of the experts
+        parallel.shard_model_experts(model)
     optimizer = make_optimizer(model, cfg)
     state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg)),
-                       torch.Generator().manual_seed(cfg.seed))
+                       torch.Generator().manual_seed(cfg.seed + runtime.rank))  # each rank its own batches
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -282,18 +300,22 @@ def train_step(state: TrainState, model: nn.Module, x_BT: Tensor, y_BT: Tensor, 
     weights when the loss or the gradient norm is NaN/inf."""
     with runtime.autocast():
         loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()} at step {state.step + 1}")
+    if not torch.isfinite(runtime.mean(loss)):  # every rank decides alike (one stopping alone would hang the rest)
+        raise NonFiniteLossError(f"loss is {runtime.mean(loss).item()} at step {state.step + 1}")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+    if runtime.distributed:  # average dense gradients, scale expert ones; clip by the norm over all ranks
+        parallel.sync_gradients(state.model)
+        norm = parallel.clip_grad_norm_(state.model, cfg.grad_clip or math.inf)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
     if not torch.isfinite(norm):
         raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {state.step + 1}")
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    return ce.item(), stats, lr
+    return runtime.mean(ce).item(), stats, lr
 
 
 @dataclass
@@ -320,17 +342,20 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     # 1. Run directory, device, data; model, optimizer, schedule and RNGs, fresh or from the checkpoint.
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
         raise ValueError(f"stop_at must be an int >= 1 or None, got {stop_at!r}")
-    out = prepare_out_dir(out_dir, resume, overwrite)
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
-    if ckpt is not None:
-        check_resumable(cfg, TrainConfig(**ckpt["config"]))
     runtime = setup_runtime(cfg)
+    out = prepare_out_dir(out_dir, resume, overwrite)  # every rank checks before any rank writes
+    runtime.barrier()
+    ckpt = None
+    if resume:
+        ckpt = parallel.load_sharded_checkpoint(out / "checkpoint.pt") if runtime.distributed \
+            else load_checkpoint(out / "checkpoint.pt")
+        check_resumable(cfg, TrainConfig(**ckpt["config"]))
     data = data if data is not None else load_char_data(cfg.data_root)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"vocab_size is {cfg.model.vocab_size} but the data has {data.tokenizer.vocab_size} symbols")
     state = build_state(cfg, runtime, ckpt)
     model = wrap_model(state.model, runtime)
-    out = out if runtime.is_main else None  # only rank 0 writes files
+    ckpt_dir, out = out, (out if runtime.is_main else None)  # only rank 0 logs; every rank saves its shard
     if out is not None:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     run_log = RunLog(out, state.step if ckpt is not None else None)
@@ -346,7 +371,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
             t0 = time.perf_counter()
             x_BT, y_BT = get_batch(data.train, cfg.batch_size, cfg.model.seq_len, state.batch_gen, runtime.device)
             train_loss, stats, lr = train_step(state, model, x_BT, y_BT, cfg, runtime)  # .item() syncs the device
-            tokens_per_s, step = x_BT.numel() / (time.perf_counter() - t0), state.step
+            tokens_per_s, step = runtime.world_size * x_BT.numel() / (time.perf_counter() - t0), state.step
             # 4. Validation every eval_interval and at the last step; metrics; progress bar.
             val_loss = evaluate(model, data.val, cfg, runtime) if step % cfg.eval_interval == 0 or step == cfg.steps else None
             router, load = router_metrics(stats, x_BT.numel(), step)
@@ -355,8 +380,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
             bar.update()
             bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             # 5. Checkpoint (atomically) every checkpoint_interval and at the end of this call.
-            if out is not None and (step % cfg.checkpoint_interval == 0 or step == end):
-                save_checkpoint(out / "checkpoint.pt", state, cfg.to_dict())
+            if ckpt_dir is not None and (step % cfg.checkpoint_interval == 0 or step == end):
+                if runtime.distributed:  # checkpoint.rank{r}.pt: this rank's experts + the replicated rest
+                    parallel.save_sharded_checkpoint(ckpt_dir / "checkpoint.pt", checkpoint_dict(state, cfg.to_dict()))
+                else:
+                    save_checkpoint(ckpt_dir / "checkpoint.pt", state, cfg.to_dict())
                 last_good = step
     except NonFiniteLossError as e:
         kept = (f"the last good checkpoint {out / 'checkpoint.pt'} (step {last_good}) was kept"
@@ -436,8 +464,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k not in run_keys}
     if args.dense:
         overrides["switch_every"] = 0
-    if args.resume and args.out is not None and (Path(args.out) / "checkpoint.pt").exists():
-        saved = TrainConfig(**load_checkpoint(Path(args.out) / "checkpoint.pt")["config"])
+    saved_at = None
+    if args.resume and args.out is not None:  # rank 0's file when expert-parallel (the same config on every rank)
+        single = Path(args.out) / "checkpoint.pt"
+        saved_at = next((p for p in (single, parallel.rank_checkpoint_path(single, 0)) if p.exists()), None)
+    if saved_at is not None:
+        saved = TrainConfig(**load_checkpoint(saved_at)["config"])
         return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
     return make_config(args.preset or "cpu", **overrides)
 
@@ -454,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as e:  # NaN/inf guard, data checksum or download, file system
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        parallel.teardown_distributed()
     last = result.metrics[-1] if result.metrics else {}
     val = [m["val_loss"] for m in result.metrics if m["val_loss"] is not None]
     tps = [m["tokens_per_s"] for m in result.metrics if m["tokens_per_s"] is not None]
