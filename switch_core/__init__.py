@@ -1,16 +1,24 @@
 """switch_core: the Switch Transformer (Fedus, Zoph, Shazeer 2021), annotated.
 
 Modules, one idea each: ``router`` (eq. 1), ``capacity`` (eq. 3 and token dropping), ``experts`` (stacked FFNs and
-three backends), ``losses`` (load balancing eq. 4, router z-loss), ``layer`` (the Switch layer, Fig. 2).
+three backends), ``losses`` (load balancing eq. 4, router z-loss), ``layer`` (the Switch layer, Fig. 2),
+``model`` (a character language model), ``data`` (Tiny Shakespeare), ``train`` (trainer and CLI:
+``python -m switch_core.train``), ``parallel`` (expert parallelism on torch.distributed).
 """
 from .capacity import DROP_POLICIES, Dispatch, dispatch, expert_capacity
+from .data import CharData, CharTokenizer, get_batch, load_char_data, load_tiny_shakespeare
 from .experts import ACTIVATIONS, BACKENDS, Experts
 from .layer import FeedForward, SwitchFeedForward, SwitchStats
 from .losses import balance_loss, z_loss
+from .model import ModelConfig, SwitchLM, flops_per_token, parameter_counts
+from .parallel import shard_experts, shard_model_experts
 from .router import Router, Routing, route
 
+# NOTE: switch_core.train is not imported here, so that `python -m switch_core.train` runs it as __main__ cleanly.
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "DROP_POLICIES", "Dispatch", "Experts", "FeedForward", "Router", "Routing",
-    "SwitchFeedForward", "SwitchStats", "balance_loss", "dispatch", "expert_capacity", "route", "z_loss",
+    "ACTIVATIONS", "BACKENDS", "DROP_POLICIES", "CharData", "CharTokenizer", "Dispatch", "Experts", "FeedForward",
+    "ModelConfig", "Router", "Routing", "SwitchFeedForward", "SwitchLM", "SwitchStats", "balance_loss", "dispatch",
+    "expert_capacity", "flops_per_token", "get_batch", "load_char_data", "load_tiny_shakespeare",
+    "parameter_counts", "route", "shard_experts", "shard_model_experts", "z_loss",
 ]
 __version__ = "0.1.0"
