@@ -7,7 +7,8 @@ Backends, all computing the same thing (tests hold them to each other):
 - ``"loop"``: the readable reference: for each expert, gather its tokens, run its FFN, scatter back.
 - ``"padded"``: the capacity-shaped layout [E, C, D] and batched matmuls; static shapes (torch.compile, CUDA graphs).
 - ``"grouped"``: tokens sorted by expert into one [A, D] block and one grouped matmul per projection
-  (``torch.nn.functional.grouped_mm``); no host-device synchronisation.
+  (``torch.nn.functional.grouped_mm``); no host-device synchronisation. On the CPU, where a sync is free,
+  the sorted block runs expert by expert instead (one matmul per expert segment; cache-friendlier).
 
 Shape legend: T tokens, K choices, A = T·K assignments, E experts, C capacity, D = d_model, F = d_ff.
 """
@@ -82,16 +83,96 @@ class _Permute(torch.autograd.Function):
         return grad[inverse], None, None
 
 
+class _SegmentMM(torch.autograd.Function):
+    """A grouped matmul as one matmul per expert segment: rows bounds[e]:bounds[e+1] times w[e]; rows past
+    bounds[-1] give zeros. Backward writes each expert's weight gradient straight into its slice of one [E, D, F]
+    buffer (no per-expert gradient tensors to stack). x_SD [S, D], w_EDF [E, D, F], bounds: E + 1 python ints."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w_EDF: Tensor, bounds: list[int]) -> Tensor:
+        ctx.save_for_backward(x_SD, w_EDF)
+        ctx.bounds = bounds
+        y_SF = x_SD.new_zeros(x_SD.shape[0], w_EDF.shape[2])
+        for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a:
+                torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
+        return y_SF
+
+    @staticmethod
+    def backward(ctx, g_SF: Tensor):
+        x_SD, w_EDF = ctx.saved_tensors
+        pairs = list(enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])))
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.zeros_like(x_SD)
+            for e, (a, b) in pairs:
+                if b > a:
+                    torch.mm(g_SF[a:b], w_EDF[e].T, out=g_x[a:b])
+        if ctx.needs_input_grad[1]:
+            g_w = torch.zeros_like(w_EDF)
+            for e, (a, b) in pairs:
+                if b > a:
+                    torch.mm(x_SD[a:b].T, g_SF[a:b], out=g_w[e])
+        return g_x, g_w, None
+
+
+class _ExpertByExpertFFN(torch.autograd.Function):
+    """The CPU fast path of the grouped backend: expert by expert, y = act(x · w_in[e]) · w_out[e] on its row
+    segment, so each expert's hidden activations stay in cache; backward writes every weight gradient straight
+    into its slice of one [E, ...] buffer. Rows past bounds[-1] give zeros. x_SD [S, D], w_in [E, D, F],
+    w_out [E, F, D], bounds: E + 1 python ints. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w_in: Tensor, w_out: Tensor, bounds: list[int], act) -> Tensor:
+        segments = [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+        y_SD = x_SD.new_empty(x_SD.shape[0], w_out.shape[2])
+        y_SD[bounds[-1]:] = 0
+        pre = []  # pre-activations, one [n_e, F] per non-empty expert
+        for e, a, b in segments:
+            pre.append(x_SD[a:b] @ w_in[e])
+            torch.mm(act(pre[-1]), w_out[e], out=y_SD[a:b])
+        ctx.save_for_backward(x_SD, w_in, w_out, *pre)
+        ctx.segments, ctx.act = segments, act
+        return y_SD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_SD: Tensor):
+        x_SD, w_in, w_out, *pre = ctx.saved_tensors
+        g_x = torch.empty_like(x_SD) if ctx.needs_input_grad[0] else None
+        g_in, g_out = torch.empty_like(w_in), torch.empty_like(w_out)
+        # Zero only what no matmul writes: the spare rows and the experts that got no rows.
+        if g_x is not None:
+            g_x[ctx.segments[-1][2] if ctx.segments else 0:] = 0
+        idle = sorted(set(range(w_in.shape[0])) - {e for e, _, _ in ctx.segments})
+        if idle:
+            g_in[idle] = 0
+            g_out[idle] = 0
+        for (e, a, b), pre_NF in zip(ctx.segments, pre):
+            with torch.enable_grad():
+                p_NF = pre_NF.detach().requires_grad_()
+                h_NF = ctx.act(p_NF)
+            torch.mm(h_NF.detach().T, g_SD[a:b], out=g_out[e])
+            (g_pre,) = torch.autograd.grad(h_NF, p_NF, g_SD[a:b] @ w_out[e].T)
+            torch.mm(x_SD[a:b].T, g_pre, out=g_in[e])
+            if g_x is not None:
+                torch.mm(g_pre, w_in[e].T, out=g_x[a:b])
+        return g_x, g_in, g_out, None, None
+
+
 def _gmm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
-    """Rows offs[e-1]:offs[e] of x times w[e]. x_SD [S, D], w_EDF [E, D, F], offs_E int32 [E] -> [S, F]."""
-    if (_grouped_mm is not None and grouped_mm_supported(x_SD.device.type, x_SD.dtype)
+    """Rows offs[e-1]:offs[e] of x times w[e]. x_SD [S, D], w_EDF [E, D, F], offs_E int32 [E] -> [S, F].
+
+    Rows past offs[-1] are spare: finite values of no meaning."""
+    if (x_SD.device.type != "cpu" and _grouped_mm is not None and grouped_mm_supported(x_SD.device.type, x_SD.dtype)
             and grouped_mm_aligned(x_SD.dtype, *w_EDF.shape[1:])):
+        # NOTE: grouped_mm leaves rows past the last offset unwritten, so the last group is stretched over the
+        # spare rows: they get finite values instead of uninitialised memory (which could hold NaN or inf).
+        offs_E = torch.cat([offs_E[:-1], offs_E.new_full((1,), x_SD.shape[0])])
         return _ContiguousGrad.apply(_grouped_mm(x_SD, w_EDF, offs=offs_E))
-    # NOTE: fallback for builds/dtypes/sizes without grouped_mm: one matmul per expert segment. `tolist()` is a
-    # host-device sync; the grouped path above has none.
-    bounds = [0] + offs_E.tolist()
-    w_list = w_EDF.unbind(0)  # not w_EDF[e]: see Experts._expert_weights
-    return torch.cat([x_SD[a:b] @ w for w, a, b in zip(w_list, bounds[:-1], bounds[1:])])
+    # NOTE: on the CPU (where it beats grouped_mm and a host sync is free) and for builds, dtypes or sizes without
+    # grouped_mm: one matmul per expert segment. `tolist()` is a host-device sync on an accelerator.
+    return _SegmentMM.apply(x_SD, w_EDF, [0] + offs_E.tolist())
 
 
 class Experts(nn.Module):
@@ -207,21 +288,24 @@ class Experts(nn.Module):
         assignment_S = torch.empty_like(row_A).scatter_(0, row_A, torch.arange(A, device=row_A.device))
         x_AD = x_TD.repeat_interleave(K, 0) if K > 1 else x_TD
         x_SD = _Permute.apply(x_AD, assignment_S, row_A)
-        # NOTE: grouped_mm leaves rows past the last offset unwritten, so the last group is stretched to cover
-        # the spare rows: they get finite values (and zero gates) instead of uninitialised memory.
-        offs_E = torch.cat([kept_end_E[:-1], kept_end_E.new_full((1,), A)]).to(torch.int32)
-        y_SD = self.grouped_ffn(x_SD, offs_E)
+        y_SD = self.grouped_ffn(x_SD, kept_end_E.to(torch.int32))
         return _Permute.apply(y_SD, row_A, assignment_S)
 
     def grouped_ffn(self, x_SD: Tensor, offs_E: Tensor) -> Tensor:
         """Every expert on its contiguous block of rows: rows offs[e-1]:offs[e] go through expert e.
 
-        x_SD [S, D] sorted by expert, offs_E int32 [E] cumulative row ends (offs[-1] == S) -> [S, D] in x's dtype.
-        Used by the grouped backend and by expert parallelism (on the local experts)."""
+        x_SD [S, D] sorted by expert, offs_E int32 [E] cumulative row ends -> [S, D] in x's dtype. Rows past
+        offs[-1] (dropped or padded assignments) are spare: their outputs are finite values of no meaning, which
+        the caller multiplies by a zero gate. Used by the grouped backend and by expert parallelism."""
         dt = x_SD.dtype
+        if (x_SD.device.type == "cpu" and not self.gated and self.b_in is None
+                and not (self.training and self.expert_dropout > 0)):
+            # NOTE: a host sync is free on the CPU; this path is the generic one below, fused per expert.
+            bounds = [0] + offs_E.tolist()
+            return _ExpertByExpertFFN.apply(x_SD, self.w_in.to(dt), self.w_out.to(dt), bounds, self.act)
         if self.b_in is not None:
             rows_S = torch.arange(x_SD.shape[0], device=x_SD.device)
-            expert_S = torch.bucketize(rows_S, offs_E, right=True).clamp(max=self.n_experts - 1)
+            expert_S = torch.bucketize(rows_S, offs_E.long(), right=True).clamp(max=self.n_experts - 1)
         h_SF = _gmm(x_SD, self.w_in.to(dt), offs_E)
         if self.b_in is not None:
             h_SF = h_SF + self.b_in.to(dt)[expert_S]

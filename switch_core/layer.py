@@ -98,8 +98,10 @@ def check_input(x: Tensor, d_model: int, token_mask: Tensor | None) -> None:
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the experts run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 
@@ -188,14 +190,15 @@ class SwitchFeedForward(nn.Module):
                 f"backend={self.backend!r}")
 
     def resolve_backend(self, x: Tensor) -> str:
-        """The backend "auto" picks for x: grouped matmuls where this torch build has them for x's device and
-        compute dtype (and the sizes meet their 16-byte alignment), otherwise the capacity-padded batched form,
-        except when dropless: a padded buffer would then hold T rows per expert, so the grouped layout (with its
-        per-expert fallback) is used instead."""
+        """The backend "auto" picks for x: "grouped" on the CPU (sorted rows, expert by expert) and wherever this
+        torch build has grouped_mm for x's device and compute dtype at these sizes (16-byte aligned); otherwise
+        "padded" (static shapes, no sync), except when dropless: a padded buffer would then hold T rows per
+        expert, so the grouped layout with per-expert matmuls is used instead."""
         if self.backend != "auto":
             return self.backend
         dt = compute_dtype(x)
-        if grouped_mm_supported(x.device.type, dt) and grouped_mm_aligned(dt, self.d_model, self.d_ff):
+        if x.device.type == "cpu" or (grouped_mm_supported(x.device.type, dt)
+                                      and grouped_mm_aligned(dt, self.d_model, self.d_ff)):
             return "grouped"
         dropless = (self.capacity_factor if self.training else self.eval_capacity_factor) is None
         return "grouped" if dropless else "padded"

@@ -6,6 +6,7 @@ Shape legend: T tokens, D = d_model, E experts, K = top_k choices per token.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,10 @@ class Router(nn.Module):
         # NOTE: autocast is switched off and both operands are cast up, so the logits, the softmax and the gates
         # are float32 even when the rest of the model runs in bfloat16 (Table 2: a bf16 router diverged).
         # float64 input stays float64 (never lower the precision; gradcheck relies on it).
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        device_type = x_TD.device.type
+        no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+            else nullcontext()
+        with no_autocast:
             x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
             if self.training and self.jitter_eps > 0:
                 noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)

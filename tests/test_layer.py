@@ -185,10 +185,13 @@ def test_gradients_reach_the_router_through_the_gate():
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", ["loop", "padded", "grouped"])
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("backend, bias, activation", [("loop", True, "relu"), ("padded", True, "relu"),
+                                                      ("grouped", True, "geglu"), ("grouped", False, "gelu")])
+def test_gradcheck_float64(backend, bias, activation):
+    # grouped without bias or gate takes the CPU expert-by-expert path with its hand-written backward
     torch.manual_seed(0)
-    layer = SwitchFeedForward(4, 6, 3, capacity_factor=1.0, top_k=2, bias=True, backend=backend).double()
+    layer = SwitchFeedForward(4, 6, 3, capacity_factor=1.0, top_k=2, bias=bias, activation=activation,
+                              backend=backend).double()
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
