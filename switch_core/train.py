@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import parallel
 from .checkpoint import RunLog, checkpoint_dict, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
 from .data import CharData, get_batch, load_char_data
-from .model import ModelConfig, SwitchLM
+from .model import ModelConfig, SwitchLM, parameter_counts
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused. (A new `steps`
 # re-times the cosine schedule from the resumed step on, so the run is no longer identical to an uninterrupted one.)
@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                        progress=not args.no_progress)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -488,12 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         parallel.teardown_distributed()
+    if rank != 0:  # rank 0 reports for the whole run
+        return 0
+    counts = parameter_counts(result.config.model)  # the whole model, also when experts are sharded
     last = result.metrics[-1] if result.metrics else {}
     val = [m["val_loss"] for m in result.metrics if m["val_loss"] is not None]
     tps = [m["tokens_per_s"] for m in result.metrics if m["tokens_per_s"] is not None]
     print(f"step {last.get('step')}: val_loss {val[-1] if val else float('nan'):.4f}, "
-          f"{sum(tps) / max(1, len(tps)):,.0f} tokens/s, params {result.model.num_parameters():,} total / "
-          f"{result.model.num_parameters(active=True):,} active" + (f", run in {args.out}" if args.out else ""))
+          f"{sum(tps) / max(1, len(tps)):,.0f} tokens/s, params {counts['total']:,} total / "
+          f"{counts['active']:,} active" + (f", run in {args.out}" if args.out else ""))
     return 0
 
 
