@@ -211,8 +211,9 @@ class Experts(nn.Module):
 
     # -- one FFN over rows that all belong to expert e (the readable form) ------------------------------------
     def ffn(self, x_ND: Tensor, e: int) -> Tensor:
-        """Expert e on its tokens: x_ND [N, D] -> [N, D], in x's dtype."""
-        return self._ffn(x_ND, *self._expert_weights(x_ND.dtype)[e])
+        """Expert e on its tokens: x_ND [N, D] -> [N, D], in x's dtype. (For all experts at once, see _loop.)"""
+        weights = (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_out)
+        return self._ffn(x_ND, *(None if w is None else w[e].to(x_ND.dtype) for w in weights))
 
     def _expert_weights(self, dt: torch.dtype) -> list[tuple]:
         """Per-expert (w_in, w_gate, w_out, b_in, b_out) in dtype dt (None where absent).
@@ -277,7 +278,7 @@ class Experts(nn.Module):
         return y_ECD.reshape(E * C, D)[torch.where(d.keep_A, flat_A, 0)]
 
     def _grouped(self, x_TD: Tensor, d: Dispatch) -> Tensor:
-        E, dt = self.n_experts, x_TD.dtype
+        E = self.n_experts
         A = d.expert_A.shape[0]
         K = A // x_TD.shape[0]
         # Row of each assignment in the expert-sorted block: kept ones at start[e] + slot, the rest after them.

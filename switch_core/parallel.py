@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .capacity import Dispatch
-from .experts import Experts, grouped_mm_aligned, grouped_mm_supported
+from .experts import Experts
 from .layer import SwitchFeedForward
 
 EXPERT_PARAMS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
@@ -208,12 +208,8 @@ class ExpertParallelExperts(Experts):
 
     def _local_ffn(self, x_RD: Tensor, rows_L: Tensor) -> Tensor:
         """The local experts on rows sorted by local expert; rows_L long [L] rows per expert."""
-        dt = x_RD.dtype
-        if grouped_mm_supported(x_RD.device.type, dt) and grouped_mm_aligned(dt, self.d_model, self.d_ff):
-            return self.grouped_ffn(x_RD, torch.cumsum(rows_L, 0).to(torch.int32))
-        # grouped_mm needs 16-byte aligned rows; otherwise one FFN per local expert (the counts are on the host).
-        parts = torch.split(x_RD, rows_L.tolist())
-        return torch.cat([self.ffn(p, e) for e, p in enumerate(parts)]) if parts else x_RD
+        # grouped_ffn picks the kernel: grouped_mm, or one matmul per expert (CPU, other dtypes, unaligned sizes).
+        return self.grouped_ffn(x_RD, torch.cumsum(rows_L, 0).to(torch.int32))
 
 
 class ExpertParallelSwitch(SwitchFeedForward):
