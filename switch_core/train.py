@@ -333,12 +333,15 @@ class TrainResult:
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
           overwrite: bool = False, stop_at: int | None = None, progress: bool = True,
-          data: CharData | None = None) -> TrainResult:
+          data: CharData | None = None, on_batch=None) -> TrainResult:
     """Train (or, with resume=True, continue) a model; returns the model and its metrics.
 
     out_dir None keeps everything in memory. stop_at ends this call after that step, as if preempted
     (checkpoint written, no samples); a later resume=True call continues exactly. data defaults to
-    Tiny Shakespeare from cfg.data_root."""
+    Tiny Shakespeare from cfg.data_root. on_batch(step, x_BT, y_BT), if given, sees every training batch
+    (step = the update it feeds, 1-based) before the update; it must not modify them."""
+    if on_batch is not None and not callable(on_batch):
+        raise TypeError(f"on_batch must be callable or None, got {type(on_batch).__name__}")
     # 1. Run directory, device, data; model, optimizer, schedule and RNGs, fresh or from the checkpoint.
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
         raise ValueError(f"stop_at must be an int >= 1 or None, got {stop_at!r}")
@@ -370,6 +373,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
             # 3. A batch of random windows; one update.
             t0 = time.perf_counter()
             x_BT, y_BT = get_batch(data.train, cfg.batch_size, cfg.model.seq_len, state.batch_gen, runtime.device)
+            if on_batch is not None:
+                on_batch(state.step + 1, x_BT, y_BT)
             train_loss, stats, lr = train_step(state, model, x_BT, y_BT, cfg, runtime)  # .item() syncs the device
             tokens_per_s, step = runtime.world_size * x_BT.numel() / (time.perf_counter() - t0), state.step
             # 4. Validation every eval_interval and at the last step; metrics; progress bar.

@@ -213,3 +213,20 @@ def test_cli_flags_cover_the_config_fields():
     args = train_mod.build_parser().parse_args(["--preset", "tiny", "--dense", "--capacity-factor", "none"])
     cfg = train_mod.config_from_args(args)
     assert cfg.model.switch_every == 0 and cfg.model.capacity_factor is None and cfg.steps == 20
+
+
+def test_on_batch_sees_every_training_batch_and_runs_with_one_seed_see_the_same(shakespeare_root):
+    from switch_core.data import load_char_data
+    from switch_core.train import make_config, train
+
+    data = load_char_data(shakespeare_root)
+    seen = {}
+    for name, extra in (("dense", {"switch_every": 0}), ("switch", {})):
+        batches = []
+        cfg = make_config("tiny", steps=4, eval_interval=4, sample_chars=8, device="cpu", **extra)
+        train(cfg, data=data, progress=False, on_batch=lambda step, x, y: batches.append((step, x.clone())))
+        seen[name] = batches
+    assert [s for s, _ in seen["dense"]] == [1, 2, 3, 4]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen["dense"], seen["switch"]))
+    with pytest.raises(TypeError, match="on_batch"):
+        train(make_config("tiny", steps=1), data=data, progress=False, on_batch=3)
