@@ -83,6 +83,11 @@ class _Permute(torch.autograd.Function):
         return grad[inverse], None, None
 
 
+def _segments(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) for every expert with rows; bounds: E + 1 cumulative row boundaries."""
+    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+
+
 class _SegmentMM(torch.autograd.Function):
     """A grouped matmul as one matmul per expert segment: rows bounds[e]:bounds[e+1] times w[e]; rows past
     bounds[-1] give zeros. Backward writes each expert's weight gradient straight into its slice of one [E, D, F]
@@ -91,28 +96,22 @@ class _SegmentMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, w_EDF: Tensor, bounds: list[int]) -> Tensor:
         ctx.save_for_backward(x_SD, w_EDF)
-        ctx.bounds = bounds
+        ctx.segments = _segments(bounds)
         y_SF = x_SD.new_zeros(x_SD.shape[0], w_EDF.shape[2])
-        for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if b > a:
-                torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
+        for e, a, b in ctx.segments:
+            torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
         return y_SF
 
     @staticmethod
     def backward(ctx, g_SF: Tensor):
         x_SD, w_EDF = ctx.saved_tensors
-        pairs = list(enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])))
-        g_x = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_x = torch.zeros_like(x_SD)
-            for e, (a, b) in pairs:
-                if b > a:
-                    torch.mm(g_SF[a:b], w_EDF[e].T, out=g_x[a:b])
-        if ctx.needs_input_grad[1]:
-            g_w = torch.zeros_like(w_EDF)
-            for e, (a, b) in pairs:
-                if b > a:
-                    torch.mm(x_SD[a:b].T, g_SF[a:b], out=g_w[e])
+        g_x = torch.zeros_like(x_SD) if ctx.needs_input_grad[0] else None
+        g_w = torch.zeros_like(w_EDF) if ctx.needs_input_grad[1] else None
+        for e, a, b in ctx.segments:
+            if g_x is not None:
+                torch.mm(g_SF[a:b], w_EDF[e].T, out=g_x[a:b])
+            if g_w is not None:
+                torch.mm(x_SD[a:b].T, g_SF[a:b], out=g_w[e])
         return g_x, g_w, None
 
 
@@ -124,7 +123,7 @@ class _ExpertByExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD: Tensor, w_in: Tensor, w_out: Tensor, bounds: list[int], act) -> Tensor:
-        segments = [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+        segments = _segments(bounds)
         y_SD = x_SD.new_empty(x_SD.shape[0], w_out.shape[2])
         y_SD[bounds[-1]:] = 0
         pre = []  # pre-activations, one [n_e, F] per non-empty expert
