@@ -6,24 +6,22 @@
 3. Headless Chromium opens every page (file:// URL) and, after MathJax has typeset it, the
    page must have no broken image, no math left as raw TeX, no MathJax error, no Python
    traceback or error output, no failed load of a local file and no uncaught JavaScript error.
-   The browser is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``),
-   so the checks are JavaScript evaluated in the loaded page, e.g. ``img.naturalWidth``.
-   Without a browser these tests skip, with the reason in the skip and in a warning.
+   Playwright drives the system's Chromium, so the checks are JavaScript evaluated in the loaded
+   page (e.g. ``img.naturalWidth``) plus the page's failed-request and uncaught-error events. Each
+   page is screenshotted, full page, to ``<tmp>/_build/screenshots/<page>.png`` (a failure names the
+   file). Without a browser these tests skip, with the reason in the skip and in a warning.
    ``test_check_flags_broken_page`` proves that the checker fails a page that is broken.
 """
 
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -107,20 +105,26 @@ class BookBuild:
     log: str = field(repr=False)
 
 
-@pytest.fixture(scope="session")
-def built_book(tmp_path_factory) -> BookBuild:
-    """Build the book once, from the working tree into a temporary folder (the repo's _build is untouched)."""
-    out = tmp_path_factory.mktemp("book_build")
+def build_book(source: Path, out: Path, repository_url: str = "") -> BookBuild:
+    """``jupyter-book build <source> --path-output <out> -W --keep-going`` with BOOK_REPOSITORY_URL set
+    to ``repository_url`` (empty: no repository or launch buttons, whatever git's origin is)."""
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
-           "build", str(REPO), "--path-output", str(out), "-W", "--keep-going"]
+           "build", str(source), "--path-output", str(out), "-W", "--keep-going"]
+    env = {**os.environ, "BOOK_REPOSITORY_URL": repository_url}
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         returncode, log = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         partial = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         returncode, log = -1, partial + f"\nERROR: the book build did not finish within {BUILD_TIMEOUT_S} s"
-    build = BookBuild(out / "_build" / "html", returncode, time.monotonic() - start, log)
+    return BookBuild(out / "_build" / "html", returncode, time.monotonic() - start, log)
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> BookBuild:
+    """Build the book once, from the working tree into a temporary folder (the repo's _build is untouched)."""
+    build = build_book(REPO, tmp_path_factory.mktemp("book_build"))
     print(f"book build: {build.seconds:.0f} s, exit {build.returncode}")
     return build
 
@@ -184,14 +188,19 @@ def test_page_offers_executed_notebook(built_book, page):
 
 # ----------------------------------------------------------------------------- the browser
 
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--mute-audio", "--hide-scrollbars"]
+# Playwright drives the system's Chromium (executable_path): no browser is downloaded. The last four
+# flags keep it from calling home (refused connections here would show up as failed loads).
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-extensions", "--mute-audio",
+                 "--hide-scrollbars", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 900}
 
 # Known upstream noise, not a problem of this book: sphinx-thebe's inline config
 # ("const THEBE_JS_URL = ...") is emitted twice by Jupyter Book 1.0.4, and the second copy
 # throws. Thebe is not used here.
 IGNORED_JS_ERRORS = [re.compile(r"Identifier 'THEBE_JS_URL' has already been declared")]
+# A request the page itself cancelled (e.g. a superseded font load), not a missing file.
+CANCELLED = "net::ERR_ABORTED"
 
 
 def find_browser() -> str | None:
@@ -201,87 +210,9 @@ def find_browser() -> str | None:
     return None
 
 
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4 in the child)."""
-
-    def __init__(self, executable: str):
-        self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
-        to_child, self._out = os.pipe()
-        self._in, from_child = os.pipe()
-
-        def wire_pipes():  # runs in the child between fork and exec
-            a = fcntl.fcntl(to_child, fcntl.F_DUPFD, 10)
-            b = fcntl.fcntl(from_child, fcntl.F_DUPFD, 10)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen(
-            [executable, *BROWSER_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
-             "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=False, preexec_fn=wire_pipes)
-        os.close(to_child)
-        os.close(from_child)
-        self._buffer = b""
-        self._next_id = 0
-        self.events: list[dict] = []
-        self.call("Browser.getVersion")
-
-    def _receive(self, deadline: float) -> dict:
-        while b"\0" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer from the browser")
-            if select.select([self._in], [], [], left)[0]:
-                chunk = os.read(self._in, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"browser exited (code {self.proc.poll()})")
-                self._buffer += chunk
-        message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)
-
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = PAGE_TIMEOUT_S) -> dict:
-        self._next_id += 1
-        request = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            request["sessionId"] = session
-        os.write(self._out, json.dumps(request).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self._receive(deadline)
-            if message.get("id") == self._next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-            self.events.append(message)
-
-    def wait_for(self, event: str, session: str, timeout: float = PAGE_TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, message in enumerate(self.events):
-                if message.get("method") == event and message.get("sessionId") == session:
-                    return self.events.pop(i)
-            self.events.append(self._receive(deadline))
-
-    def close(self) -> None:
-        try:
-            self.call("Browser.close", timeout=5)
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._in)
-        os.close(self._out)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
 # Evaluated in the page after its load event. Returns plain JSON for page_problems().
 INSPECT_PAGE_JS = r"""
-(async () => {
+async () => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
   const images = Array.from(document.images);
   await Promise.all(images.map(img => {
@@ -315,7 +246,7 @@ INSPECT_PAGE_JS = r"""
         '.output.traceback, .output.error, .cell_output .traceback, .output_error'))
         .map(e => clip(e.textContent)),
   };
-})()
+}
 """
 
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\$[^$\s][^$\n]*\\[A-Za-z]+[^$\n]*\$")
@@ -363,39 +294,39 @@ def page_problems(page: str, report: dict) -> list[str]:
     return problems
 
 
-def inspect_page(browser: Chromium, html_file: Path) -> dict:
-    """Load one page in a fresh tab, wait for images and MathJax, and report what it shows."""
-    target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-    session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+def inspect_page(browser, html_file: Path, screenshot: Path) -> dict:
+    """Load one page in a fresh browser context, wait for images and MathJax, report what it shows,
+    and save a full-page screenshot of it to ``screenshot`` (what a reader would have seen)."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    url = html_file.resolve().as_uri()
+    context = browser.new_context(viewport=VIEWPORT)
     try:
-        for domain in ("Page", "Runtime", "Network"):
-            browser.call(f"{domain}.enable", session=session)
-        nav = browser.call("Page.navigate", {"url": html_file.resolve().as_uri()}, session=session)
-        if nav.get("errorText"):
-            return {"failedLoads": [(html_file.as_uri(), nav["errorText"])]}
-        browser.wait_for("Page.loadEventFired", session)
-        result = browser.call("Runtime.evaluate", {"expression": INSPECT_PAGE_JS, "awaitPromise": True,
-                                                   "returnByValue": True}, session=session)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page inspection script failed: {result['exceptionDetails']}")
-        report = result["result"]["value"]
-        urls, failed, js_errors = {}, [], []
-        for event in [e for e in browser.events if e.get("sessionId") == session]:
-            params = event.get("params", {})
-            if event.get("method") == "Network.requestWillBeSent":
-                urls[params["requestId"]] = params["request"]["url"]
-            elif event.get("method") == "Network.loadingFailed" and not params.get("canceled"):
-                failed.append((urls.get(params["requestId"], "?"), params.get("errorText")))
-            elif event.get("method") == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                text = details.get("exception", {}).get("description") or details.get("text", "")
-                if not any(p.search(text) for p in IGNORED_JS_ERRORS):
-                    js_errors.append(text.splitlines()[0] if text else "?")
+        page = context.new_page()
+        failed, js_errors = [], []
+
+        def on_request_failed(request):
+            if request.failure != CANCELLED:
+                failed.append((request.url, request.failure))
+
+        def on_page_error(error):
+            message = f"{error.name}: {error.message}".splitlines()[0]
+            if not any(pattern.search(message) for pattern in IGNORED_JS_ERRORS):
+                js_errors.append(message)
+
+        page.on("requestfailed", on_request_failed)
+        page.on("pageerror", on_page_error)
+        try:
+            page.goto(url, wait_until="load", timeout=PAGE_TIMEOUT_S * 1000)
+        except PlaywrightError as e:
+            return {"failedLoads": [(url, str(e.message).splitlines()[0])]}
+        report = page.evaluate(INSPECT_PAGE_JS)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=screenshot, full_page=True, timeout=PAGE_TIMEOUT_S * 1000)
         report["failedLoads"], report["jsErrors"] = failed, js_errors
         return report
     finally:
-        browser.events = [e for e in browser.events if e.get("sessionId") != session]
-        browser.call("Target.closeTarget", {"targetId": target})
+        context.close()
 
 
 @pytest.fixture(scope="module")
@@ -406,9 +337,21 @@ def browser():
                   "package 'chromium' (apt-get install -y chromium) or set CHROMIUM=/path/to/chrome")
         warnings.warn(reason)
         pytest.skip(reason)
-    chromium = Chromium(executable)
-    yield chromium
-    chromium.close()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        pytest.fail(f"playwright is not installed ({e}): it is pinned in requirements.txt; "
+                    "run the tests with `bash .ci/test`, which installs it", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=BROWSER_FLAGS,
+                                              timeout=PAGE_TIMEOUT_S * 1000)
+        yield chromium
+        chromium.close()
+
+
+def screenshot_path(html_root: Path, page: str) -> Path:
+    """<build>/_build/screenshots/<page>.png, beside the HTML it shows."""
+    return html_root.parent / "screenshots" / f"{page}.png"
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 60 + PAGE_TIMEOUT_S)
@@ -416,15 +359,20 @@ def browser():
 def test_page_renders_in_browser(built_book, browser, page):
     html_file = built_book.html / f"{page}.html"
     assert html_file.is_file(), f"{page}: not built (build exit {built_book.returncode})"
-    problems = page_problems(page, inspect_page(browser, html_file))
-    assert not problems, f"{len(problems)} problem(s) in the rendered page:\n" + "\n".join(problems)
+    screenshot = screenshot_path(built_book.html, page)
+    problems = page_problems(page, inspect_page(browser, html_file, screenshot))
+    assert not problems, (f"{len(problems)} problem(s) in the rendered page (screenshot: {screenshot}):\n"
+                          + "\n".join(problems))
+    assert screenshot.read_bytes()[:8] == PNG_SIGNATURE, f"{page}: no screenshot at {screenshot}"
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 1x1 PNG
 PIXEL_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
-BROKEN_PAGE = r"""<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>
+BROKEN_PAGE = r"""<!DOCTYPE html><html><head><meta charset="utf-8">
+<link rel="stylesheet" href="missing.css"></head><body>
 <p>A figure whose file is missing: <img src="missing.png" alt="missing"></p>
 <p>A figure whose file is empty: <img src="empty.png" alt="empty"></p>
 <p>Math that no one typeset: $$x^2 + y^2$$</p>
@@ -433,6 +381,8 @@ BROKEN_PAGE = r"""<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>
 <pre>Traceback (most recent call last)
   Cell In[3], line 1
 ZeroDivisionError: division by zero</pre></div></div>
+<script>const THEBE_JS_URL = 1;</script><script>const THEBE_JS_URL = 2;</script>
+<script>throw new TypeError("broken on purpose");</script>
 </body></html>
 """
 
@@ -442,7 +392,8 @@ def test_check_flags_broken_page(browser, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     page = tmp_path / "broken.html"
     page.write_text(BROKEN_PAGE)
-    problems = page_problems("broken", inspect_page(browser, page))
+    screenshot = tmp_path / "screenshots" / "broken.png"
+    problems = page_problems("broken", inspect_page(browser, page, screenshot))
     text = "\n".join(problems)
     assert all(p.startswith("broken: ") for p in problems), text
     assert re.search(r"broken image \S*missing\.png \(browser could not display it, file is missing\)", text), text
@@ -451,6 +402,16 @@ def test_check_flags_broken_page(browser, tmp_path):
     assert "math left untypeset: '\\\\[ y = p_i(x) E_i(x) \\\\]'" in text, text
     assert "but MathJax typeset none" in text, text
     assert "Python traceback on the page" in text and "error output cell" in text, text
+    assert re.search(r"failed to load \S*missing\.css \(net::ERR_FILE_NOT_FOUND\)", text), text
+    assert "uncaught JavaScript error: TypeError: broken on purpose" in text, text
+    assert "THEBE_JS_URL" not in text, text  # the known upstream noise is ignored, and only that
+    assert screenshot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_check_flags_missing_page(browser, tmp_path):
+    problems = page_problems("gone", inspect_page(browser, tmp_path / "gone.html", tmp_path / "gone.png"))
+    assert len(problems) == 1 and re.match(r"gone: failed to load file://\S*gone\.html \(.*ERR_FILE_NOT_FOUND",
+                                           problems[0]), problems
 
 
 def test_check_passes_clean_page(browser, tmp_path):
@@ -458,7 +419,7 @@ def test_check_passes_clean_page(browser, tmp_path):
     page = tmp_path / "clean.html"
     page.write_text('<!DOCTYPE html><html><body><p>Costs $5, not $10.</p>'
                     '<img src="pixel.png" alt="pixel"><pre>print("\\(not math\\)")</pre></body></html>')
-    assert page_problems("clean", inspect_page(browser, page)) == []
+    assert page_problems("clean", inspect_page(browser, page, tmp_path / "clean.png")) == []
 
 
 def test_toc_pages_are_found():
