@@ -11,11 +11,15 @@
    page is screenshotted, full page, to ``<tmp>/_build/screenshots/<page>.png`` (a failure names the
    file). Without a browser these tests skip, with the reason in the skip and in a warning.
    ``test_check_flags_broken_page`` proves that the checker fails a page that is broken.
+4. Repository and launch buttons appear only with a repository URL (book/_ext/repository_links.py):
+   the session build has none and must link to no repository; a tiny second build with
+   BOOK_REPOSITORY_URL set must link to that repository, on Colab and Binder too.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -25,10 +29,12 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import yaml
+from sphinx.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_TIMEOUT_S = 1200  # executes every chapter; CI's whole budget is 20 minutes
@@ -420,6 +426,140 @@ def test_check_passes_clean_page(browser, tmp_path):
     page.write_text('<!DOCTYPE html><html><body><p>Costs $5, not $10.</p>'
                     '<img src="pixel.png" alt="pixel"><pre>print("\\(not math\\)")</pre></body></html>')
     assert page_problems("clean", inspect_page(browser, page, tmp_path / "clean.png")) == []
+
+
+# ----------------------------------------------------------------------------- repository links
+
+
+def load_repository_links():
+    """book/_ext/repository_links.py, the Sphinx extension that decides the repository URL."""
+    spec = importlib.util.spec_from_file_location("repository_links", REPO / "book" / "_ext" / "repository_links.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.links.append({k: v or "" for k, v in attrs})
+
+
+def page_links(html_file: Path) -> list[dict[str, str]]:
+    """Every <a> of a built page, as its attributes (href, class, title, ...)."""
+    parser = _Links()
+    parser.feed(html_file.read_text(encoding="utf-8"))
+    return parser.links
+
+
+REPOSITORY_BUTTON = "btn-source-repository-button"
+LAUNCH_HOSTS = ("https://colab.research.google.com", "https://mybinder.org")
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 60)
+def test_no_repository_links_without_repository_url(built_book):
+    """The session build has BOOK_REPOSITORY_URL empty: no page links to a repository or a launch service."""
+    found = []
+    for page in PAGES:
+        html_file = built_book.html / f"{page}.html"
+        assert html_file.is_file(), f"{page}: not built (build exit {built_book.returncode})"
+        for link in page_links(html_file):
+            if (REPOSITORY_BUTTON in link.get("class", "") or link.get("href", "").startswith(LAUNCH_HOSTS)
+                    or "github.com" in link.get("href", "")):
+                found.append(f"{page}: {link.get('href')} ({link.get('class', '')})")
+        assert "launch-buttons" not in html_file.read_text(encoding="utf-8"), f"{page}: has a launch menu"
+    assert not found, "links to a repository that the build was not given:\n" + "\n".join(found)
+
+
+TINY_NOTEBOOK = """---
+jupytext:
+  text_representation: {extension: .md, format_name: myst}
+kernelspec: {display_name: Python 3, language: python, name: python3}
+---
+
+# A notebook page
+
+```{code-cell} ipython3
+print(1 + 1)
+```
+"""
+
+
+def test_repository_and_launch_links_with_repository_url(tmp_path):
+    """With BOOK_REPOSITORY_URL set (an ssh URL here), a tiny book with this book's _config.yml and
+    extensions gets the repository button, and its notebook page Colab and Binder links into that
+    repository; a plain Markdown page gets the repository button only."""
+    book = tmp_path / "src"
+    (book / "book").mkdir(parents=True)
+    shutil.copy(REPO / "_config.yml", book)
+    shutil.copytree(REPO / "book" / "_ext", book / "book" / "_ext")
+    shutil.copy(REPO / "book" / "references.bib", book / "book")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: book/page\nchapters:\n  - file: book/plain\n")
+    (book / "book" / "page.md").write_text(TINY_NOTEBOOK)
+    (book / "book" / "plain.md").write_text("# A plain page\n\nNo code here.\n")
+    build = build_book(book, tmp_path / "out", repository_url="git@github.com:example-owner/example-book.git")
+    assert build.returncode == 0 and not sphinx_warnings(build.log), build.log[-3000:]
+
+    repo = "https://github.com/example-owner/example-book"
+    for page in ("book/page", "book/plain"):
+        buttons = [link["href"] for link in page_links(build.html / f"{page}.html")
+                   if REPOSITORY_BUTTON in link.get("class", "")]
+        assert buttons == [repo], f"{page}: repository button(s) {buttons}"
+    launch = sorted(link["href"] for link in page_links(build.html / "book/page.html")
+                    if link.get("href", "").startswith(LAUNCH_HOSTS))
+    assert launch == [
+        "https://colab.research.google.com/github/example-owner/example-book/blob/main/book/page.md",
+        "https://mybinder.org/v2/gh/example-owner/example-book/main?urlpath=tree/book/page.md",
+    ], launch
+    assert not [link for link in page_links(build.html / "book/plain.html")
+                if link.get("href", "").startswith(LAUNCH_HOSTS)], "a plain page has nothing to launch"
+
+
+@pytest.mark.parametrize("url", [
+    "https://github.com/example-owner/example-book",
+    "https://github.com/example-owner/example-book.git",
+    "https://github.com/example-owner/example-book/",
+    "http://github.com/example-owner/example-book.git",
+    "https://someone:ghp_secret@github.com/example-owner/example-book.git",  # the token is dropped
+    "git@github.com:example-owner/example-book.git",
+    "github.com:example-owner/example-book",
+    "ssh://git@github.com/example-owner/example-book.git",
+    "ssh://git@github.com:22/example-owner/example-book",
+    "  git://github.com/example-owner/example-book.git\n",
+])
+def test_github_url_is_normalised_to_https(url):
+    assert load_repository_links().github_https_url(url) == "https://github.com/example-owner/example-book"
+
+
+@pytest.mark.parametrize("url", [
+    "", "/work/main", "../main", "file:///work/main", "https://gitlab.com/example-owner/example-book",
+    "https://github.com.evil.example/example-owner/example-book", "https://github.com/example-owner",
+    "https://github.com/example-owner/example-book/tree/main", "git@example.com:example-owner/example-book.git",
+])
+def test_non_github_url_gives_no_repository(url):
+    assert load_repository_links().github_https_url(url) is None
+
+
+def test_repository_url_setting_and_git_origin(tmp_path):
+    links = load_repository_links()
+    assert links.repository_url(tmp_path, {}) is None  # not a git checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert links.repository_url(tmp_path, {}) is None  # no origin: the case of this checkout
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", "/some/local/clone"], check=True)
+    assert links.repository_url(tmp_path, {}) is None  # CI clones from a local path
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "set-url", "origin",
+                    "https://someone:ghp_secret@github.com/example-owner/example-book.git"], check=True)
+    assert links.repository_url(tmp_path, {}) == "https://github.com/example-owner/example-book"
+    # The environment variable wins over git, and empty means no repository.
+    env = {"BOOK_REPOSITORY_URL": "git@github.com:other-owner/other-book.git"}
+    assert links.repository_url(tmp_path, env) == "https://github.com/other-owner/other-book"
+    assert links.repository_url(tmp_path, {"BOOK_REPOSITORY_URL": " "}) is None
+    with pytest.raises(ConfigError, match=r"BOOK_REPOSITORY_URL='https://gitlab.com/a/b' is not a GitHub"):
+        links.repository_url(tmp_path, {"BOOK_REPOSITORY_URL": "https://gitlab.com/a/b"})
 
 
 def test_toc_pages_are_found():

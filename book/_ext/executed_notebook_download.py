@@ -4,7 +4,8 @@ MyST-NB executes each MyST-Markdown chapter and writes the result (code, outputs
 figures) to ``<build>/jupyter_execute/<docname>.ipynb``.  sphinx-book-theme lists an
 ``.ipynb`` entry in its download menu when the page context has ``ipynb_source``, but it
 only sets that key (and copies the file) when a Binder/Colab/Thebe launch button is
-configured.  We have none, so this hook does the same two steps for every notebook page:
+configured, which needs a repository URL (book/_ext/repository_links.py).  A build without
+one still offers the download: this hook does the same two steps for every notebook page:
 copy the executed notebook to ``_build/html/_sources/<docname>.ipynb`` and set
 ``ipynb_source``.  Nothing is ever written into the source tree.
 """
