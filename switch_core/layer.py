@@ -1,7 +1,8 @@
 """The Switch layer (paper §2.1-2.2, Fig. 2) and the dense feed-forward it replaces.
 
-For every token x:  route it to one expert i = argmax p(x) (eq. 1), give that expert at most C tokens (eq. 3),
-and return  y = p_i(x) · E_i(x)  (eq. 2); a token over capacity gets y = 0 and rides the residual connection.
+For every token x:  route it to one expert i = argmax p(x) (eq. 1), give that expert at most C tokens of its
+capacity group (eq. 3), and return  y = p_i(x) · E_i(x)  (eq. 2); a token over capacity gets y = 0 and rides the
+residual connection.
 
 Shape legend: T tokens (the flattened leading dims of x), K = top_k, A = T·K, E experts, D = d_model.
 """
@@ -18,7 +19,7 @@ from .capacity import DROP_POLICIES, dispatch, expert_capacity
 from .experts import ACTIVATIONS, BACKENDS, Experts, grouped_mm_aligned, grouped_mm_supported
 from .init import check_init_scale, truncated_normal_
 from .losses import balance_loss, z_loss
-from .router import Router, route
+from .router import ROUTER_DTYPES, Router, route
 
 
 @dataclass
@@ -27,11 +28,14 @@ class SwitchStats:
 
     counts: long [E], real tokens whose first choice is each expert, counted before the capacity cut.
     kept_counts: long [E], (token, choice) assignments each expert processed (at most ``capacity``).
-    balance_loss: float32 scalar, N · Σ f_i P_i (eq. 4), unweighted; 1.0 under uniform routing.
+    balance_loss: float32 scalar, N · Σ f_i P_i (eq. 4), unweighted; 1.0 under uniform routing (with capacity
+      groups: the mean over the groups of each group's loss).
     z_loss: float32 scalar, mean logsumexp(logits)² (ST-MoE), unweighted.
     dropped_fraction: float32 scalar, dropped real assignments / real assignments.
-    expert_index: long [..., K], chosen experts (-1 for padding).  gates: float32 [..., K] (0 for padding).
-    router_probs, router_logits: float32 [..., E].  capacity: slots per expert in this call (python int)."""
+    expert_index: long [..., K], chosen experts (-1 for padding).  gates: [..., K] (0 for padding).
+    router_probs, router_logits: [..., E].  gates, probabilities and logits are float32 (the router's dtype when
+    ``router_dtype`` lowers it).  capacity: slots per expert per capacity group (python int).
+    An empty input (no tokens) gives empty tensors, zero counts and zero losses."""
 
     counts: Tensor
     kept_counts: Tensor
@@ -148,9 +152,14 @@ class SwitchFeedForward(nn.Module):
     Args:
         d_model, d_ff, n_experts: token width, each expert's hidden width, number of experts E.
         top_k: experts per token; 1 is Switch, k > 1 the MoE baseline (gates renormalised over the k).
-        capacity_factor, eval_capacity_factor: slots per expert in train / eval mode (eq. 3); None = dropless.
-            T in eq. 3 counts every token of the call, padding included, so a padded batch has the capacity
-            of its full shape (static shapes, as in Mesh TensorFlow).
+        capacity_factor, eval_capacity_factor: slots per expert per group in train / eval mode,
+            ceil(top_k · factor · G / n_experts) (eq. 3, extended to top-k and rounded up); None = dropless.
+            G counts every token of the group, padding included, so a padded batch has the capacity of its full
+            shape (static shapes, as in Mesh TensorFlow).
+        group_size: tokens per capacity group G: the flattened tokens are split into groups of G consecutive
+            tokens (the last may be shorter), each with its own capacity, slot order, drops and balance loss.
+            None (default): the whole call is one group. group_size = sequence length gives Hugging Face's
+            per-sequence capacity.
         drop_policy: "position" (paper), "priority" (V-MoE) or "random": who keeps a slot when an expert
             overflows. "random" draws from torch's global generator, in eval mode too.
         jitter_eps: multiplicative U(1-eps, 1+eps) noise on the router input in training (App. C).
@@ -158,12 +167,15 @@ class SwitchFeedForward(nn.Module):
         dropout: on the layer's output.  expert_dropout: on the experts' hidden activations (§2.4, Table 4).
         bias: add ``experts.b_in [E, d_ff]`` and ``experts.b_out [E, d_model]``.
         init_scale: truncated normal with std sqrt(init_scale / fan_in) (§2.4; the paper uses 0.1).
+        router_dtype: "float32" (selective precision, §2.4) or "bfloat16"/"float16": the precision of the
+            router's logits, softmax and gates (the unstable variant of Table 2, for experiments).
         backend: "loop" (reference), "padded", "grouped" or "auto" (the fastest correct one for the input)."""
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, *, top_k: int = 1, capacity_factor: float | None = 1.25,
                  eval_capacity_factor: float | None = 2.0, drop_policy: str = "position", jitter_eps: float = 0.0,
                  activation: str = "relu", dropout: float = 0.0, expert_dropout: float = 0.0, bias: bool = False,
-                 init_scale: float = 0.1, backend: str = "auto"):
+                 init_scale: float = 0.1, backend: str = "auto", group_size: int | None = None,
+                 router_dtype: str = "float32"):
         super().__init__()
         self.d_model = _check_positive_int("d_model", d_model)
         self.d_ff = _check_positive_int("d_ff", d_ff)
@@ -179,15 +191,18 @@ class SwitchFeedForward(nn.Module):
         if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0.0 <= jitter_eps < 1.0:
             raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
         self.dropout = _check_rate("dropout", dropout)
+        self.group_size = None if group_size is None else _check_positive_int("group_size", group_size)
+        _check_choice("router_dtype", router_dtype, tuple(ROUTER_DTYPES))
         init_scale = check_init_scale(init_scale)
-        self.router = Router(d_model, n_experts, jitter_eps=float(jitter_eps), init_scale=init_scale)
+        self.router = Router(d_model, n_experts, jitter_eps=float(jitter_eps), init_scale=init_scale,
+                             router_dtype=router_dtype)
         self.experts = Experts(d_model, d_ff, n_experts, activation=activation, bias=bias,
                                expert_dropout=_check_rate("expert_dropout", expert_dropout), init_scale=init_scale)
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, drop_policy={self.drop_policy!r}, "
-                f"backend={self.backend!r}")
+                f"group_size={self.group_size}, backend={self.backend!r}")
 
     def resolve_backend(self, x: Tensor) -> str:
         """The backend "auto" picks for x: "grouped" on the CPU (sorted rows, expert by expert) and wherever this
@@ -211,27 +226,24 @@ class SwitchFeedForward(nn.Module):
 
         # 1. Route (float32): logits, probabilities, the top-k experts and their gates.
         r = route(self.router(x_TD), K)
-        # 2. Capacity (eq. 3) and which assignments keep a slot.
+        # 2. Capacity per group (eq. 3) and which assignments keep a slot.
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        d = dispatch(r.expert_TK, r.gates_TK, E, expert_capacity(T, E, cf, K), mask_T=mask_T,
-                     policy=self.drop_policy)
-        # 3. Experts, in the compute dtype; 4. combine: y = gate · E_i(x), zero for dropped and padded tokens.
-        h_AD = self.experts(x_TD.to(compute_dtype(x)), d, self.resolve_backend(x))
-        gates_A = torch.where(d.keep_A, r.gates_TK.reshape(T * K), 0.0)
-        y_AD = h_AD.to(gates_A.dtype) * gates_A[:, None]
-        y_TD = y_AD.view(T, K, self.d_model).sum(dim=1) if K > 1 else y_AD
+        capacity = expert_capacity(T if self.group_size is None else self.group_size, E, cf, K)
+        d = dispatch(r.expert_TK, r.gates_TK, E, capacity, mask_T=mask_T, policy=self.drop_policy,
+                     group_size=self.group_size)
+        # 3. Experts, in the compute dtype, and 4. combine: y = Σ gate · E_i(x); exactly 0 where dropped or padded.
+        y_TD = self.experts(x_TD.to(compute_dtype(x)), r.gates_TK.reshape(T * K), d, self.resolve_backend(x))
         y = F.dropout(y_TD.to(x.dtype), self.dropout, self.training).view(x.shape)
 
-        first_T = r.expert_TK[:, 0]
-        real_TK = torch.ones_like(d.keep_A).view(T, K) if mask_T is None else mask_T[:, None].expand(T, K)
+        real_TK = None if mask_T is None else mask_T[:, None].expand(T, K)
         stats = SwitchStats(
             counts=d.counts_E,
             kept_counts=d.kept_E,
-            balance_loss=balance_loss(r.probs_TE, first_T, mask_T),
+            balance_loss=balance_loss(r.probs_TE, r.expert_TK[:, 0], mask_T, self.group_size),
             z_loss=z_loss(r.logits_TE, mask_T),
             dropped_fraction=(d.n_real - d.keep_A.sum()) / d.n_real.clamp(min=1.0),
-            expert_index=torch.where(real_TK, r.expert_TK, -1).view(*lead, K),
-            gates=torch.where(real_TK, r.gates_TK, 0.0).view(*lead, K),
+            expert_index=(r.expert_TK if real_TK is None else torch.where(real_TK, r.expert_TK, -1)).view(*lead, K),
+            gates=(r.gates_TK if real_TK is None else torch.where(real_TK, r.gates_TK, 0.0)).view(*lead, K),
             router_probs=r.probs_TE.view(*lead, E),
             router_logits=r.logits_TE.view(*lead, E),
             capacity=d.capacity,

@@ -22,20 +22,36 @@ def _real_tokens(mask_T: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
     return w_T, w_T.sum().clamp(min=1.0)
 
 
-def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None = None) -> Tensor:
+def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None = None,
+                 group_size: int | None = None) -> Tensor:
     """Switch auxiliary loss, N · Σ_i f_i · P_i (paper eq. 4). 1.0 when routing is uniform (or P is).
 
     probs_TE: float32 router softmax [T, E].  first_choice_T: argmax expert [T] (long).
     mask_T: optional bool [T], True for real tokens; padding counts in neither f nor P.
+    group_size: with capacity groups of G consecutive tokens, f and P are taken per group and the loss is the mean
+    over the groups that hold a real token (as Mesh TensorFlow, GShard and Hugging Face do); None: one group.
     f comes from an argmax, so the gradient flows through P only. Returns a float32 scalar."""
-    n_experts = probs_TE.shape[-1]
-    w_T, n_real = _real_tokens(mask_T, probs_TE)
+    T, E = probs_TE.shape
     probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
-    # f_i: a one-hot count of first choices (no gradient); P_i: mean probability (carries the gradient).
     index_T = first_choice_T.clamp(min=0)  # padding may carry -1; its weight is 0 anyway
-    f_E = torch.zeros_like(probs_TE[0]).index_add_(0, index_T, w_T.to(probs_TE.dtype)) / n_real
-    P_E = torch.where(w_T[:, None] > 0, probs_TE, 0.0).sum(dim=0) / n_real
-    return n_experts * (f_E * P_E).sum()
+    if group_size is None or group_size >= T:
+        # One group. f_i: a count of first choices (no gradient); P_i: mean probability (carries the gradient).
+        w_T, n_real = _real_tokens(mask_T, probs_TE)
+        f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, index_T,
+                                                                                     w_T.to(probs_TE.dtype))
+        P_E = (probs_TE if mask_T is None else torch.where(mask_T[:, None], probs_TE, 0.0)).sum(dim=0)
+        return E * (f_E * P_E).sum() / (n_real * n_real)
+    w_T = torch.ones(T, device=probs_TE.device) if mask_T is None else mask_T.to(torch.float32)
+    N = -(-T // group_size)
+    group_T = torch.arange(T, device=probs_TE.device) // group_size
+    n_N = torch.zeros(N, device=probs_TE.device).index_add_(0, group_T, w_T)
+    f_NE = torch.zeros(N * E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
+        0, group_T * E + index_T, w_T.to(probs_TE.dtype)).view(N, E)
+    P_NE = torch.zeros(N, E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
+        0, group_T, probs_TE if mask_T is None else torch.where(mask_T[:, None], probs_TE, 0.0))
+    loss_N = E * (f_NE * P_NE).sum(dim=1) / n_N.clamp(min=1.0).square()
+    has_real_N = n_N > 0
+    return (loss_N * has_real_N).sum() / has_real_N.sum().clamp(min=1)
 
 
 def z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:

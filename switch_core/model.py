@@ -20,6 +20,7 @@ from .capacity import DROP_POLICIES
 from .experts import ACTIVATIONS, BACKENDS
 from .init import truncated_normal_
 from .layer import FeedForward, SwitchFeedForward, SwitchStats
+from .router import ROUTER_DTYPES
 
 
 @dataclass
@@ -45,11 +46,15 @@ class ModelConfig:
     bias: bool = False
     init_scale: float = 0.1  # paper §2.4: truncated normal, std sqrt(0.1 / fan_in)
     backend: str = "auto"
+    group_size: int | None = None  # tokens per capacity group; None = the whole batch (B·T tokens) is one group
+    router_dtype: str = "float32"  # selective precision (§2.4); "bfloat16" is Table 2's unstable variant
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "d_ff", "n_experts", "top_k"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("switch_every", self.switch_every, minimum=0)
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, minimum=1)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.top_k > self.n_experts:
@@ -66,7 +71,7 @@ class ModelConfig:
         if not isinstance(self.bias, bool):
             raise ValueError(f"bias must be True or False, got {self.bias!r}")
         for name, choices in (("drop_policy", DROP_POLICIES), ("activation", tuple(ACTIVATIONS)),
-                              ("backend", BACKENDS + ("auto",))):
+                              ("backend", BACKENDS + ("auto",)), ("router_dtype", tuple(ROUTER_DTYPES))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {getattr(self, name)!r}")
 
@@ -140,7 +145,8 @@ class Block(nn.Module):
                                       capacity_factor=cfg.capacity_factor,
                                       eval_capacity_factor=cfg.eval_capacity_factor, drop_policy=cfg.drop_policy,
                                       jitter_eps=cfg.jitter_eps, expert_dropout=cfg.expert_dropout,
-                                      backend=cfg.backend, **common)
+                                      backend=cfg.backend, group_size=cfg.group_size,
+                                      router_dtype=cfg.router_dtype, **common)
                     if switch else FeedForward(cfg.d_model, cfg.d_ff, **common))
 
     @property

@@ -152,8 +152,9 @@ class ExpertParallelExperts(Experts):
     """This rank's slice of an :class:`Experts` stack, run on every rank's tokens.
 
     w_in [L, D, F], w_out [L, F, D] (and w_gate, b_in, b_out if present) are experts [rank·L, (rank+1)·L) of the
-    original stack. ``forward(x_TD, d, backend)`` returns what ``Experts.forward`` returns, [A, D] rows of
-    expert(x) for kept assignments (zeros elsewhere), but the experts run on the rank that holds them."""
+    original stack. ``expert_rows(x_TD, d, backend)`` returns what ``Experts.expert_rows`` returns, [A, D] rows
+    of expert(x) for kept assignments (zeros elsewhere), but the experts run on the rank that holds them;
+    ``forward`` (inherited) combines them with the gates."""
 
     def __init__(self, experts: Experts, group=None):
         rank, world = _check_group(group)
@@ -179,14 +180,16 @@ class ExpertParallelExperts(Experts):
                 f"of {self.n_global_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
                 f"activation={self.activation!r}, world_size={self.world_size}")
 
-    def forward(self, x_TD: Tensor, d: Dispatch, backend: str = "grouped") -> Tensor:
+    def _cpu_fast_path(self, x_TD: Tensor) -> bool:
+        return False  # the experts are remote: always go through expert_rows
+
+    def expert_rows(self, x_TD: Tensor, d: Dispatch, backend: str = "grouped") -> Tensor:
         """x_TD [T, D] (compute dtype) -> [A, D]. ``backend`` is ignored: the local experts run grouped."""
         E, W, L, D = self.n_global_experts, self.world_size, self.n_experts, self.d_model
-        A = d.expert_A.shape[0]
-        K = A // x_TD.shape[0]
-        # 1. Kept assignments sorted by expert (hence by destination rank): row start[e] + slot, as Experts._grouped.
+        A, K = d.expert_A.shape[0], d.top_k
+        # 1. Kept assignments sorted by expert (hence by destination rank): row start[e] + rank, as Experts._grouped.
         kept_start_E = torch.cumsum(d.kept_E, 0) - d.kept_E
-        row_A = torch.where(d.keep_A, kept_start_E[d.expert_A.clamp(max=E - 1)] + d.slot_A, A)
+        row_A = torch.where(d.keep_A, kept_start_E[d.expert_A.clamp(max=E - 1)] + d.rank_A, A)
         assignment_S1 = torch.full((A + 1,), A, dtype=torch.long, device=x_TD.device)
         assignment_S1.scatter_(0, row_A, torch.arange(A, device=x_TD.device))
         # 2. Every rank learns how many rows it receives for each local expert from each source rank.

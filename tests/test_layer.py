@@ -202,3 +202,51 @@ def test_gradcheck_float64(backend, bias, activation):
         return y, s.balance_loss, s.z_loss
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+def test_a_non_finite_token_never_reaches_another_tokens_output(backend):
+    # The issue's repro: with capacity factor 0.5 most tokens are dropped; the padded backend used to read expert
+    # 0's slot 0 for every dropped token and multiply it by a zero gate (NaN x 0 = NaN).
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend=backend, capacity_factor=0.5)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 32, 16)
+        x[0, 0] = bad
+        x.requires_grad_()
+        y, s = layer(x)
+        assert torch.isfinite(y[1]).all() and torch.isfinite(y[0, 1:]).all()  # only the bad token itself
+        assert float(s.dropped_fraction) > 0.4  # most of the 31 clean tokens around it were dropped
+        y[1].sum().backward()  # nor does it reach another token's gradient
+        assert torch.isfinite(x.grad[1]).all() and (x.grad[0, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_empty_input_gives_an_empty_output_and_zero_statistics(backend, top_k):
+    layer = _layer(backend=backend, top_k=top_k)
+    x = torch.randn(0, 5, D, requires_grad=True)
+    y, s = layer(x)
+    assert y.shape == x.shape and s.expert_index.shape == (0, 5, top_k) and s.router_probs.shape == (0, 5, E)
+    assert s.counts.tolist() == [0] * E and s.kept_counts.tolist() == [0] * E
+    for value in (s.balance_loss, s.z_loss, s.dropped_fraction):
+        assert float(value.detach()) == 0.0
+    (y.sum() + s.balance_loss + s.z_loss).backward()
+    assert x.grad.shape == x.shape
+
+
+def test_router_dtype_bfloat16_rounds_the_router_and_nothing_else():
+    layer = _layer(router_dtype="bfloat16", capacity_factor=None)
+    x = torch.randn(T, D)
+    y, s = layer(x)
+    assert s.router_logits.dtype == torch.bfloat16 and s.gates.dtype == torch.bfloat16
+    assert y.dtype == torch.float32
+    expected = x.bfloat16() @ layer.router.weight.bfloat16().T
+    assert torch.equal(s.router_logits, expected)
+    ref = _layer(capacity_factor=None)  # same weights (same seed), float32 router
+    y32, s32 = ref(x)
+    assert s32.router_logits.dtype == torch.float32
+    same = s.expert_index == s32.expert_index
+    assert_close(y[same.squeeze(-1)], y32[same.squeeze(-1)], atol=1e-2, rtol=1e-2)  # gates differ by rounding
+    with pytest.raises(ValueError, match="router_dtype"):
+        _layer(router_dtype="int8")
