@@ -23,6 +23,7 @@ from switch_core import FeedForward, SwitchFeedForward
 PRESETS = {
     "cpu": dict(tokens=8192, d_model=256, d_ff=1024, dtype="float32", rounds=7),
     "cuda": dict(tokens=16384, d_model=1024, d_ff=4096, dtype="bfloat16", rounds=20),
+    "quick": dict(tokens=1024, d_model=64, d_ff=128, dtype="float32", rounds=2),  # keeps the script from rotting
 }
 
 
@@ -62,12 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--experts", default="8,64")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds (a smoke test of the script)")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true", help="skip the Hugging Face layer")
     ap.add_argument("--json", default=None, help="write the results to this file as well")
     args = ap.parse_args()
-    p = dict(PRESETS[args.device])
+    p = dict(PRESETS["quick" if args.quick else args.device])
     rounds = args.rounds or p["rounds"]
     dev, dtype = args.device, getattr(torch, p["dtype"])
     T, D, F_ = p["tokens"], p["d_model"], p["d_ff"]

@@ -34,6 +34,7 @@ CONFIGS = {
                   batch_size=32),
     "small": dict(n_layer=2, n_head=4, d_model=64, d_ff=256, n_experts=8, switch_every=1, seq_len=64,
                   batch_size=32),
+    "tiny": dict(n_layer=1, n_head=2, d_model=32, d_ff=64, n_experts=4, switch_every=1, seq_len=32, batch_size=8),
     "gpu": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, n_experts=16, switch_every=2, seq_len=256,
                 batch_size=64),
 }

@@ -1,0 +1,47 @@
+"""benchmarks/gpu.sh, the one GPU run this project prepares, keeps working: its --device cpu --quick mode runs every
+step at toy sizes (layer and model-step benchmarks, a short training run, a chapter executed without Jupyter)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_runs_every_step_on_the_cpu(tmp_path, shakespeare_root):
+    env = {**os.environ, "OUT": str(tmp_path), "SWITCH_CORE_DATA": str(shakespeare_root), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [line.split()[0] for line in summary.splitlines()] == ["layer", "train_step", "preset_gpu", "chapters"]
+    assert all("rc=0" in line for line in summary.splitlines())
+    layer = json.loads((tmp_path / "layer.json").read_text())
+    assert {r["layer"] for r in layer["rows"]} >= {"dense FeedForward", "switch auto", "switch loop"}
+    steps = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert {r["model"] for r in steps} >= {"dense SwitchLM", "Switch SwitchLM"}
+    assert (tmp_path / "preset_gpu" / "metrics.csv").exists() and not list((tmp_path / "preset_gpu").glob("*.pt"))
+    chapters = json.loads((tmp_path / "chapters" / "summary.json").read_text())
+    assert chapters == [dict(chapters[0], chapter="routing", status="passed")] and chapters[0]["cells_run"] > 5
+    assert list((tmp_path / "chapters" / "routing").glob("fig-*.png"))
+    assert "torch" in (tmp_path / "env.txt").read_text()
+
+
+def test_gpu_script_refuses_a_bad_argument(tmp_path):
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "tpu"], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --device")
+
+
+def test_chapter_runner_fails_a_chapter_whose_assert_fails(tmp_path):
+    bad = tmp_path / "bad.md"
+    bad.write_text("---\njupytext:\n  text_representation:\n    format_name: myst\n---\n# Bad\n\n"
+                   "```{code-cell} ipython3\nx = 1\n```\n\n```{code-cell} ipython3\n:tags: [skip-execution]\n"
+                   "raise SystemExit\n```\n\n```{code-cell} ipython3\nassert x == 2, 'x is not 2'\n```\n")
+    proc = subprocess.run([sys.executable, "benchmarks/run_chapters.py", "--out", str(tmp_path / "o"), str(bad)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())[0]["status"] == "failed in cell 2"
+    assert "x is not 2" in (tmp_path / "o" / "bad" / "log.txt").read_text()
