@@ -131,21 +131,26 @@ class _SortedExpertsCPU(torch.autograd.Function):
     """The CPU fast path of the grouped backend, gather -> experts -> gate -> scatter in one autograd node.
 
     Forward: xs = x[tok_S] (kept assignments in expert order); for each expert e, on its rows a:b,
-    ys = act(xs · w_in[e]) · w_out[e]; then y[tok_S] += gate_S · ys (rows of other tokens stay 0).
-    Backward writes every weight gradient straight into its slice of one [E, ...] buffer and keeps what autograd
-    would keep for a dense FFN (the hidden activations; for ReLU its output only). Not twice differentiable.
+    ys = gate · act(xs · w_in[e]) · w_out[e]; then y[t] = Σ ys over t's kept assignments (0 if none).
+    Top-1 scatters by gathering: y = [ys; 0].index_select(0, slot_T), slot_T = each token's row or the zero row.
+    Backward writes every weight gradient straight into its slice of one [E, ...] buffer, keeps what autograd
+    would keep for a dense FFN (the hidden activations; for ReLU its output only), and gets the gate's gradient
+    from the hidden layer, g_gate = <g_y · w_out^T, h>, so the unscaled expert output is never stored.
+    Not twice differentiable.
 
     x_TD [T, D], gate_S [S], w_in [E, D, F], w_out [E, F, D], tok_S long [S] (token of each kept assignment, in
-    expert order), bounds: E + 1 python ints (expert e owns rows bounds[e]:bounds[e+1]). Returns y [T, D] in the
-    promoted dtype of x and gate."""
+    expert order), bounds: E + 1 python ints (expert e owns rows bounds[e]:bounds[e+1]). Returns y [T, D]."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, gate_S: Tensor, w_in: Tensor, w_out: Tensor, tok_S: Tensor, bounds: list[int],
-                activation: str, unique_tokens: bool) -> Tensor:
+                activation: str, top_k: int) -> Tensor:
         act = ACTIVATIONS[activation][0]
         segments = _segments(bounds)
+        T, S, D = x_TD.shape[0], tok_S.shape[0], w_out.shape[2]
         xs_SD = x_TD.index_select(0, tok_S)
-        ys_SD = xs_SD.new_empty(xs_SD.shape[0], w_out.shape[2])
+        gate_S1 = gate_S.to(x_TD.dtype)[:, None]
+        ys_S1D = xs_SD.new_empty(S + 1, D)  # one spare zero row: what dropped tokens gather
+        ys_S1D[S] = 0
         saved = []  # per expert: (pre-activation, activation); for ReLU only the activation
         for e, a, b in segments:
             pre_NF = torch.mm(xs_SD[a:b], w_in[e])
@@ -155,27 +160,30 @@ class _SortedExpertsCPU(torch.autograd.Function):
             else:
                 h_NF = act(pre_NF)
                 saved += [pre_NF, h_NF]
-            torch.mm(h_NF, w_out[e], out=ys_SD[a:b])
-        out_dt = torch.promote_types(x_TD.dtype, gate_S.dtype)
-        scaled_SD = ys_SD.to(out_dt) * gate_S.to(out_dt)[:, None]
-        y_TD = scaled_SD.new_zeros(x_TD.shape[0], w_out.shape[2])
-        # Top-1 (and any call where no token has two kept assignments): a copy; else a sum over the choices.
-        y_TD.index_copy_(0, tok_S, scaled_SD) if unique_tokens else y_TD.index_add_(0, tok_S, scaled_SD)
-        ctx.save_for_backward(xs_SD, ys_SD, gate_S, w_in, w_out, tok_S, *saved)
-        ctx.segments, ctx.activation, ctx.unique, ctx.n_tokens = segments, activation, unique_tokens, x_TD.shape[0]
+            torch.mm(h_NF, w_out[e], out=ys_S1D[a:b]).mul_(gate_S1[a:b])
+        if top_k == 1:  # every token has at most one row: gather instead of scatter
+            row_T = torch.full((T,), S, dtype=torch.long, device=x_TD.device)
+            row_T[tok_S] = torch.arange(S, device=x_TD.device)
+            y_TD = ys_S1D.index_select(0, row_T)
+        else:
+            row_T = None
+            y_TD = ys_S1D.new_zeros(T, D).index_add_(0, tok_S, ys_S1D[:S])
+        ctx.save_for_backward(xs_SD, gate_S, w_in, w_out, tok_S, row_T, *saved)
+        ctx.segments, ctx.activation, ctx.n_tokens = segments, activation, T
         return y_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD: Tensor):
-        xs_SD, ys_SD, gate_S, w_in, w_out, tok_S, *saved = ctx.saved_tensors
-        relu, dt = ctx.activation == "relu", xs_SD.dtype
-        g_ys_SD = g_TD.index_select(0, tok_S)
-        g_gate = torch.linalg.vecdot(g_ys_SD, ys_SD.to(g_ys_SD.dtype)).to(gate_S.dtype) \
-            if ctx.needs_input_grad[1] else None
-        g_ys_SD = (g_ys_SD * gate_S.to(g_ys_SD.dtype)[:, None]).to(dt)
-        need_x = ctx.needs_input_grad[0]
-        g_xs_SD = torch.empty_like(xs_SD) if need_x else None
+        xs_SD, gate_S, w_in, w_out, tok_S, row_T, *saved = ctx.saved_tensors
+        relu, dt, S = ctx.activation == "relu", xs_SD.dtype, xs_SD.shape[0]
+        g_SD = g_TD.to(dt).index_select(0, tok_S)  # the gradient reaching each kept assignment's output
+        gate_S1 = gate_S.to(dt)[:, None]
+        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_xs_S1D = xs_SD.new_empty(S + 1, xs_SD.shape[1]) if need_x else None
+        if need_x:
+            g_xs_S1D[S] = 0
+        g_gate_S = torch.zeros_like(gate_S) if need_gate else None
         g_in, g_out = torch.empty_like(w_in), torch.empty_like(w_out)
         idle = sorted(set(range(w_in.shape[0])) - {e for e, _, _ in ctx.segments})
         if idle:  # experts that got no rows: zero gradient (no matmul writes them)
@@ -183,17 +191,20 @@ class _SortedExpertsCPU(torch.autograd.Function):
             g_out[idle] = 0
         for i, (e, a, b) in enumerate(ctx.segments):
             pre_NF, h_NF = (saved[i], saved[i]) if relu else (saved[2 * i], saved[2 * i + 1])
-            g_h_NF = torch.mm(g_ys_SD[a:b], w_out[e].t())
-            torch.mm(h_NF.t(), g_ys_SD[a:b], out=g_out[e])
-            g_pre_NF = _ACT_BACKWARD[ctx.activation](g_h_NF, pre_NF, h_NF)
+            g_h_NF = torch.mm(g_SD[a:b], w_out[e].t())  # before the gate
+            if need_gate:
+                g_gate_S[a:b] = torch.linalg.vecdot(g_h_NF, h_NF).to(g_gate_S.dtype)
+            g_ys_ND = g_SD[a:b].mul_(gate_S1[a:b])
+            torch.mm(h_NF.t(), g_ys_ND, out=g_out[e])
+            g_pre_NF = _ACT_BACKWARD[ctx.activation](g_h_NF.mul_(gate_S1[a:b]), pre_NF, h_NF)
             torch.mm(xs_SD[a:b].t(), g_pre_NF, out=g_in[e])
             if need_x:
-                torch.mm(g_pre_NF, w_in[e].t(), out=g_xs_SD[a:b])
+                torch.mm(g_pre_NF, w_in[e].t(), out=g_xs_S1D[a:b])
         g_x = None
         if need_x:
-            g_x = g_xs_SD.new_zeros(ctx.n_tokens, xs_SD.shape[1])
-            g_x.index_copy_(0, tok_S, g_xs_SD) if ctx.unique else g_x.index_add_(0, tok_S, g_xs_SD)
-        return g_x, g_gate, g_in, g_out, None, None, None, None
+            g_x = g_xs_S1D.index_select(0, row_T) if row_T is not None else \
+                g_xs_S1D.new_zeros(ctx.n_tokens, xs_SD.shape[1]).index_add_(0, tok_S, g_xs_S1D[:S])
+        return g_x, g_gate_S, g_in, g_out, None, None, None, None
 
 
 def _gmm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
@@ -283,9 +294,9 @@ class Experts(nn.Module):
             kept_S = d.order_A[d.keep_A[d.order_A]]
             bounds = [0] + torch.cumsum(d.kept_E, 0).tolist()
             tok_S = kept_S // d.top_k if d.top_k > 1 else kept_S
-            return _SortedExpertsCPU.apply(x_TD, gates_A.index_select(0, kept_S), self.w_in.to(x_TD.dtype),
-                                           self.w_out.to(x_TD.dtype), tok_S, bounds, self.activation,
-                                           d.top_k == 1)
+            y_TD = _SortedExpertsCPU.apply(x_TD, gates_A.index_select(0, kept_S), self.w_in.to(x_TD.dtype),
+                                           self.w_out.to(x_TD.dtype), tok_S, bounds, self.activation, d.top_k)
+            return y_TD.to(torch.promote_types(y_TD.dtype, gates_A.dtype))
         return combine(self.expert_rows(x_TD, d, backend), gates_A, d)
 
     def _cpu_fast_path(self, x_TD: Tensor) -> bool:

@@ -95,4 +95,4 @@ class Router(nn.Module):
             if self.training and self.jitter_eps > 0:
                 noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
                 x_TD = x_TD * noise
-            return (self.weight.to(dt) @ x_TD.t()).t()  # W x^T: [E, T], the layout `route` reduces fastest
+            return F.linear(x_TD, self.weight.to(dt))
