@@ -2,7 +2,8 @@
 
     capacity = ceil(top_k × capacity_factor × T / n_experts)
 
-Each expert processes at most ``capacity`` (token, choice) assignments. When more tokens pick it, the drop policy
+(the paper's eq. 3, T / n_experts × capacity_factor, extended to top-k assignments per token as in GShard
+and rounded up to whole slots). Each expert processes at most ``capacity`` (token, choice) assignments. When more tokens pick it, the drop policy
 decides which are kept; the rest get zero output from the layer and travel on through the residual connection.
 
 - ``"position"``: earlier tokens first (Mesh TensorFlow, the paper; the only policy that keeps a decoder causal).
@@ -25,7 +26,7 @@ DROP_POLICIES = ("position", "priority", "random")
 
 
 def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float | None, top_k: int = 1) -> int:
-    """Slots per expert: ceil(top_k × capacity_factor × T / n_experts) (paper eq. 3).
+    """Slots per expert: ceil(top_k × capacity_factor × T / n_experts) (paper eq. 3, extended to top-k, rounded up).
 
     ``capacity_factor=None`` means dropless: every assignment fits (an expert can receive at most T of them)."""
     if capacity_factor is None:
