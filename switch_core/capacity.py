@@ -3,8 +3,9 @@
     capacity = ceil(top_k × capacity_factor × T / n_experts)
 
 (the paper's eq. 3, T / n_experts × capacity_factor, extended to top-k assignments per token as in GShard
-and rounded up to whole slots). Each expert processes at most ``capacity`` (token, choice) assignments. When more tokens pick it, the drop policy
-decides which are kept; the rest get zero output from the layer and travel on through the residual connection.
+and rounded up to whole slots). Each expert processes at most ``capacity`` (token, choice) assignments. When
+more tokens pick it, the drop policy decides which are kept; the rest get zero output from the layer and travel
+on through the residual connection.
 
 - ``"position"``: earlier tokens first (Mesh TensorFlow, the paper; the only policy that keeps a decoder causal).
 - ``"priority"``: higher gate first, ties by position (batch-prioritised routing, V-MoE).
