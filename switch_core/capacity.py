@@ -28,7 +28,8 @@ DROP_POLICIES = ("position", "priority", "random")
 
 
 def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float | None, top_k: int = 1) -> int:
-    """Slots per expert for a group of ``n_tokens`` tokens: ceil(top_k × capacity_factor × n_tokens / n_experts).
+    """Slots per expert for a group of ``n_tokens`` tokens: ceil(top_k × capacity_factor × n_tokens / n_experts)
+    (paper eq. 3, extended to top-k, rounded up).
 
     ``capacity_factor=None`` means dropless: every assignment fits (an expert can receive at most n_tokens of
     them). NOTE: the product is rounded to 9 decimals before the ceiling, so a factor chosen to give an exact
