@@ -48,7 +48,7 @@ class Dispatch:
     slot_A: 0-based position of the assignment in its expert's queue within its group (Fig. 15's cumsum, from 0).
     keep_A: bool, True where slot < capacity and the token is real.
     rank_A: for kept assignments, the position among all kept assignments of its expert in (group, slot) order
-      (meaningless where not kept): the row of the expert's block in the grouped layout.
+    (meaningless where not kept): the row of the expert's block in the grouped layout.
     order_A: every assignment sorted by (expert, group, fill order); padding last.
     counts_E: real tokens whose *first* choice is each expert, before the capacity cut (all groups).
     kept_GE: long [N, E] assignments each expert processes in each group (<= capacity); kept_E: its sum over N.

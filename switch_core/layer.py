@@ -29,7 +29,7 @@ class SwitchStats:
     counts: long [E], real tokens whose first choice is each expert, counted before the capacity cut.
     kept_counts: long [E], (token, choice) assignments each expert processed (at most ``capacity``).
     balance_loss: float32 scalar, N · Σ f_i P_i (eq. 4), unweighted; 1.0 under uniform routing (with capacity
-      groups: the mean over the groups of each group's loss).
+    groups: the mean over the groups of each group's loss).
     z_loss: float32 scalar, mean logsumexp(logits)² (ST-MoE), unweighted.
     dropped_fraction: float32 scalar, dropped real assignments / real assignments.
     expert_index: long [..., K], chosen experts (-1 for padding).  gates: [..., K] (0 for padding).
