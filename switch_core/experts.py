@@ -131,79 +131,81 @@ class _SortedExpertsCPU(torch.autograd.Function):
     """The CPU fast path of the grouped backend, gather -> experts -> gate -> scatter in one autograd node.
 
     Forward: xs = x[tok_S] (kept assignments in expert order); for each expert e, on its rows a:b,
-    ys = gate · act(xs · w_in[e]) · w_out[e]; then y[t] = Σ ys over t's kept assignments (0 if none).
-    Top-1 scatters by gathering: y = [ys; 0].index_select(0, slot_T), slot_T = each token's row or the zero row.
-    Backward writes every weight gradient straight into its slice of one [E, ...] buffer, keeps what autograd
-    would keep for a dense FFN (the hidden activations; for ReLU its output only), and gets the gate's gradient
-    from the hidden layer, g_gate = <g_y · w_out^T, h>, so the unscaled expert output is never stored.
-    Not twice differentiable.
+    ys = act(xs · w_in[e]) · w_out[e]; then y[t] = Σ gate · ys over t's kept assignments (0 if none).
+    Top-1 scatters by gathering: y = [gate · ys; 0].index_select(0, row_T), row_T = each token's row or the zero
+    row. Backward writes every weight gradient straight into its slice of one [E, ...] buffer and keeps what
+    autograd would keep for a dense FFN (the hidden activations; for ReLU its output only).
+    NOTE: the gate's gradient is <g_y, ys>. Top-1 recovers ys from the stored gate · ys (a top-1 gate is the
+    largest of E probabilities, so >= 1/E: the division is safe); top-k keeps ys itself.
+    Not twice differentiable. Python work per expert is kept to its matmuls: this runs E times per layer call.
 
     x_TD [T, D], gate_S [S], w_in [E, D, F], w_out [E, F, D], tok_S long [S] (token of each kept assignment, in
-    expert order), bounds: E + 1 python ints (expert e owns rows bounds[e]:bounds[e+1]). Returns y [T, D]."""
+    expert order), sizes: E python ints (rows per expert, in order). Returns y [T, D] in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, gate_S: Tensor, w_in: Tensor, w_out: Tensor, tok_S: Tensor, bounds: list[int],
+    def forward(ctx, x_TD: Tensor, gate_S: Tensor, w_in: Tensor, w_out: Tensor, tok_S: Tensor, sizes: list[int],
                 activation: str, top_k: int) -> Tensor:
-        act = ACTIVATIONS[activation][0]
-        segments = _segments(bounds)
+        act, relu = ACTIVATIONS[activation][0], activation == "relu"
         T, S, D = x_TD.shape[0], tok_S.shape[0], w_out.shape[2]
         xs_SD = x_TD.index_select(0, tok_S)
-        gate_S1 = gate_S.to(x_TD.dtype)[:, None]
         ys_S1D = xs_SD.new_empty(S + 1, D)  # one spare zero row: what dropped tokens gather
         ys_S1D[S] = 0
-        saved = []  # per expert: (pre-activation, activation); for ReLU only the activation
-        for e, a, b in segments:
-            pre_NF = torch.mm(xs_SD[a:b], w_in[e])
-            if activation == "relu":
-                h_NF = pre_NF.relu_()
-                saved.append(h_NF)
-            else:
-                h_NF = act(pre_NF)
-                saved += [pre_NF, h_NF]
-            torch.mm(h_NF, w_out[e], out=ys_S1D[a:b]).mul_(gate_S1[a:b])
+        saved = []  # per expert: the activation, and for a non-ReLU activation its input
+        for e, x_ND, y_ND in zip(range(len(sizes)), xs_SD.split(sizes), ys_S1D[:S].split(sizes)):
+            if x_ND.shape[0]:
+                pre_NF = torch.mm(x_ND, w_in[e])
+                h_NF = pre_NF.relu_() if relu else act(pre_NF)
+                saved += [h_NF] if relu else [pre_NF, h_NF]
+                torch.mm(h_NF, w_out[e], out=y_ND)
+        kept_ys = None if top_k == 1 else ys_S1D[:S].clone()
+        ys_S1D[:S].mul_(gate_S.to(ys_S1D.dtype)[:, None])
         if top_k == 1:  # every token has at most one row: gather instead of scatter
             row_T = torch.full((T,), S, dtype=torch.long, device=x_TD.device)
             row_T[tok_S] = torch.arange(S, device=x_TD.device)
             y_TD = ys_S1D.index_select(0, row_T)
+            ctx.save_for_backward(xs_SD, gate_S, w_in, w_out, tok_S, row_T, ys_S1D, *saved)
         else:
-            row_T = None
             y_TD = ys_S1D.new_zeros(T, D).index_add_(0, tok_S, ys_S1D[:S])
-        ctx.save_for_backward(xs_SD, gate_S, w_in, w_out, tok_S, row_T, *saved)
-        ctx.segments, ctx.activation, ctx.n_tokens = segments, activation, T
+            ctx.save_for_backward(xs_SD, gate_S, w_in, w_out, tok_S, None, kept_ys, *saved)
+        ctx.sizes, ctx.activation, ctx.n_tokens = sizes, activation, T
         return y_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD: Tensor):
-        xs_SD, gate_S, w_in, w_out, tok_S, row_T, *saved = ctx.saved_tensors
-        relu, dt, S = ctx.activation == "relu", xs_SD.dtype, xs_SD.shape[0]
+        xs_SD, gate_S, w_in, w_out, tok_S, row_T, ys, *saved = ctx.saved_tensors
+        relu, dt, S, sizes = ctx.activation == "relu", xs_SD.dtype, xs_SD.shape[0], ctx.sizes
         g_SD = g_TD.to(dt).index_select(0, tok_S)  # the gradient reaching each kept assignment's output
-        gate_S1 = gate_S.to(dt)[:, None]
-        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_gate_S = None
+        if ctx.needs_input_grad[1]:
+            g_gate_S = torch.linalg.vecdot(g_SD, ys[:S]).to(gate_S.dtype)
+            if row_T is not None:  # top-1: ys holds gate · ys
+                g_gate_S = g_gate_S / gate_S
+        g_SD.mul_(gate_S.to(dt)[:, None])  # now the gradient of each expert's output
+        need_x = ctx.needs_input_grad[0]
         g_xs_S1D = xs_SD.new_empty(S + 1, xs_SD.shape[1]) if need_x else None
-        if need_x:
-            g_xs_S1D[S] = 0
-        g_gate_S = torch.zeros_like(gate_S) if need_gate else None
         g_in, g_out = torch.empty_like(w_in), torch.empty_like(w_out)
-        idle = sorted(set(range(w_in.shape[0])) - {e for e, _, _ in ctx.segments})
-        if idle:  # experts that got no rows: zero gradient (no matmul writes them)
-            g_in[idle] = 0
-            g_out[idle] = 0
-        for i, (e, a, b) in enumerate(ctx.segments):
-            pre_NF, h_NF = (saved[i], saved[i]) if relu else (saved[2 * i], saved[2 * i + 1])
-            g_h_NF = torch.mm(g_SD[a:b], w_out[e].t())  # before the gate
-            if need_gate:
-                g_gate_S[a:b] = torch.linalg.vecdot(g_h_NF, h_NF).to(g_gate_S.dtype)
-            g_ys_ND = g_SD[a:b].mul_(gate_S1[a:b])
-            torch.mm(h_NF.t(), g_ys_ND, out=g_out[e])
-            g_pre_NF = _ACT_BACKWARD[ctx.activation](g_h_NF.mul_(gate_S1[a:b]), pre_NF, h_NF)
-            torch.mm(xs_SD[a:b].t(), g_pre_NF, out=g_in[e])
+        act_backward = _ACT_BACKWARD[ctx.activation]
+        g_xs = g_xs_S1D[:S].split(sizes) if need_x else [None] * len(sizes)
+        i = 0
+        for e, x_ND, g_ND, gx_ND in zip(range(len(sizes)), xs_SD.split(sizes), g_SD.split(sizes), g_xs):
+            if not x_ND.shape[0]:  # an expert that got no rows: zero gradient
+                g_in[e], g_out[e] = 0, 0
+                continue
+            pre_NF, h_NF = (saved[i], saved[i]) if relu else (saved[i], saved[i + 1])
+            i += 1 if relu else 2
+            torch.mm(h_NF.t(), g_ND, out=g_out[e])
+            g_pre_NF = act_backward(torch.mm(g_ND, w_out[e].t()), pre_NF, h_NF)
+            torch.mm(x_ND.t(), g_pre_NF, out=g_in[e])
             if need_x:
-                torch.mm(g_pre_NF, w_in[e].t(), out=g_xs_S1D[a:b])
+                torch.mm(g_pre_NF, w_in[e].t(), out=gx_ND)
         g_x = None
         if need_x:
-            g_x = g_xs_S1D.index_select(0, row_T) if row_T is not None else \
-                g_xs_S1D.new_zeros(ctx.n_tokens, xs_SD.shape[1]).index_add_(0, tok_S, g_xs_S1D[:S])
+            if row_T is not None:
+                g_xs_S1D[S] = 0
+                g_x = g_xs_S1D.index_select(0, row_T)
+            else:
+                g_x = g_xs_S1D.new_zeros(ctx.n_tokens, xs_SD.shape[1]).index_add_(0, tok_S, g_xs_S1D[:S])
         return g_x, g_gate_S, g_in, g_out, None, None, None, None
 
 
@@ -292,10 +294,10 @@ class Experts(nn.Module):
             # NOTE: the kept assignments in expert order, and each expert's row count, come to the host here:
             # free on the CPU (this path is CPU-only).
             kept_S = d.order_A[d.keep_A[d.order_A]]
-            bounds = [0] + torch.cumsum(d.kept_E, 0).tolist()
             tok_S = kept_S // d.top_k if d.top_k > 1 else kept_S
             y_TD = _SortedExpertsCPU.apply(x_TD, gates_A.index_select(0, kept_S), self.w_in.to(x_TD.dtype),
-                                           self.w_out.to(x_TD.dtype), tok_S, bounds, self.activation, d.top_k)
+                                           self.w_out.to(x_TD.dtype), tok_S, d.kept_E.tolist(), self.activation,
+                                           d.top_k)
             return y_TD.to(torch.promote_types(y_TD.dtype, gates_A.dtype))
         return combine(self.expert_rows(x_TD, d, backend), gates_A, d)
 
