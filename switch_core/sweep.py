@@ -8,9 +8,11 @@
 Run directories go to ``--runs`` (default ``runs/sweeps/<experiment>-<device>/<label>-s<seed>``, checkpoints and
 all); the small results go to ``--results`` (default ``book/data/<experiment>/<device>/``):
 
-  results.csv      tidy, one row per (run, logged step): experiment, run, label, seed, the fields the runs vary,
-                   step, train_loss, val_loss, balance_loss, z_loss, dropped_fraction, max_load, tokens_per_s,
-                   train_time_s (cumulative seconds in training steps, evaluation excluded), lr
+  results.csv      tidy, one row per (run, eval step or every TRAIN_ROWS_EVERY-th training step): experiment,
+                   run, label, seed, the fields the runs vary (one named like a metric, e.g. lr, is written
+                   config_<name>), step, train_loss, val_loss, balance_loss, z_loss, dropped_fraction, max_load,
+                   tokens_per_s, train_time_s (cumulative seconds in all training steps, evaluation excluded),
+                   lr, diverged (the run stopped on a NaN/inf loss: a result, recorded; the sweep goes on)
   load.csv         (experiments with ``keep_load``) share of tokens per (run, step, layer, expert), every
                    ``load_every`` steps
   provenance.json  git commit, torch, CPU/GPU model, threads, jobs, date, exact command, wall time, configs
@@ -37,9 +39,10 @@ import torch
 from tqdm import tqdm
 
 from .experiments import EXPERIMENTS, Experiment
-from .train import TrainConfig, make_config, train
+from .train import NonFiniteLossError, TrainConfig, make_config, train
 
 METRICS = ["train_loss", "val_loss", "balance_loss", "z_loss", "dropped_fraction", "tokens_per_s", "lr"]
+TRAIN_ROWS_EVERY = 10  # results.csv keeps every 10th training step (and every eval step, and the last step)
 DONE = "sweep_done.json"  # written into a run directory once train() has returned for its last step
 
 
@@ -97,10 +100,14 @@ def _run_one(job: tuple[Run, bool, int]) -> tuple[str, float]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     has_ckpt = resume and any(run.out_dir.glob("checkpoint*.pt"))
-    train(run.cfg, run.out_dir, resume=has_ckpt, overwrite=not has_ckpt, progress=False)
+    diverged = None
+    try:
+        train(run.cfg, run.out_dir, resume=has_ckpt, overwrite=not has_ckpt, progress=False)
+    except NonFiniteLossError as e:  # a result, not a failure of the sweep: recorded, and the sweep goes on
+        diverged = str(e)
     wall = time.perf_counter() - t0
     tmp = run.out_dir / (DONE + ".tmp")
-    tmp.write_text(json.dumps({"steps": run.cfg.steps, "wall_s": wall}) + "\n")
+    tmp.write_text(json.dumps({"steps": run.cfg.steps, "wall_s": wall, "diverged": diverged}) + "\n")
     os.replace(tmp, run.out_dir / DONE)
     return run.name, wall
 
@@ -128,15 +135,21 @@ def collect(exp: Experiment, runs: list[Run], results_dir: Path) -> Path:
                 loads.append(dict(run=run.name, label=run.label, seed=run.seed, step=s, layer=int(r["layer"]),
                                   expert=int(r["expert"]), fraction=float(r["fraction"])))
         train_time = 0.0
-        for m in _read_csv(run.out_dir / "metrics.csv"):
+        marker = run.out_dir / DONE
+        diverged = bool(marker.exists() and json.loads(marker.read_text()).get("diverged"))
+        metrics = _read_csv(run.out_dir / "metrics.csv")
+        last = max((int(m["step"]) for m in metrics), default=0)
+        for m in metrics:
             step = int(m["step"])
             if m["tokens_per_s"]:
                 train_time += tokens / float(m["tokens_per_s"])
+            if not (m["val_loss"] or step % TRAIN_ROWS_EVERY == 0 or step == last):
+                continue  # train_time_s still counts the step
             rows.append(dict(experiment=exp.name, run=run.name, label=run.label, seed=run.seed,
-                             **{k: flat[k] for k in varied}, step=step,
+                             **{(f"config_{k}" if k in METRICS else k): flat[k] for k in varied}, step=step,
                              **{k: m[k] for k in METRICS if k != "tokens_per_s"},
                              max_load=by_step.get(step, ""), tokens_per_s=m["tokens_per_s"],
-                             train_time_s=round(train_time, 4)))
+                             train_time_s=round(train_time, 4), diverged=diverged))
     path = results_dir / "results.csv"
     _write_csv(path, rows)
     if exp.keep_load:
@@ -230,7 +243,7 @@ def run_sweep(name: str, *, device: str = "cpu", runs_root: str | os.PathLike | 
     provenance = dict(
         experiment=name, title=exp.title, device=device, machine=machine(device), torch=torch.__version__,
         python=platform.python_version(), git_commit=git_commit(), date=when,
-        command=command or "python -m switch_core.sweep " + name, jobs=jobs, threads_per_run=threads,
+        command=command or "python -m switch_core.sweep " + name, jobs=jobs, threads_per_run=threads, train_rows_every=TRAIN_ROWS_EVERY,
         wall_time_s=round(time.perf_counter() - t0, 1), runs_timed_this_call=len(walls),
         run_wall_s={k: round(v, 2) for k, v in sorted(walls.items())},
         seeds=[r.seed for r in runs if r.label == runs[0].label],

@@ -24,18 +24,23 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_a_sweep_writes_run_directories_results_and_provenance(tiny, tmp_path, single_thread):
+def test_a_sweep_writes_run_directories_results_and_provenance(tiny, tmp_path, single_thread, monkeypatch):
+    monkeypatch.setattr(sweep, "TRAIN_ROWS_EVERY", 2)
     out = sweep.run_sweep("tiny", runs_root=tmp_path / "runs", results_root=tmp_path / "data", progress=False)
     assert out == tmp_path / "data" / "tiny" / "cpu"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dense-s1", "dense-s2", "wide-s1", "wide-s2"]
     rows = _rows(out / "results.csv")
     assert {r["run"] for r in rows} == {"dense-s1", "dense-s2", "wide-s1", "wide-s2"}
-    assert len(rows) == 4 * 7  # steps 0..6 for every run
+    assert len(rows) == 4 * 5  # eval steps 0, 3, 6 and every 2nd training step, of steps 0..6
     assert {"d_ff", "switch_every"} <= set(rows[0]) and "n_layer" not in rows[0]  # only the varied fields
     wide = [r for r in rows if r["run"] == "wide-s1"]
-    assert {r["d_ff"] for r in wide} == {"64"} and [int(r["step"]) for r in wide] == list(range(7))
+    assert {r["d_ff"] for r in wide} == {"64"} and [int(r["step"]) for r in wide] == [0, 2, 3, 4, 6]
     times = [float(r["train_time_s"]) for r in wide]
     assert times == sorted(times) and times[-1] > 0
+    tokens = 4 * 16  # the time counts every step, also the ones left out of results.csv
+    every = [tokens / float(m["tokens_per_s"]) for m in _rows(tmp_path / "runs" / "wide-s1" / "metrics.csv")
+             if m["tokens_per_s"]]
+    assert times[-1] == pytest.approx(sum(every), abs=1e-3)
     assert all(r["max_load"] == "" for r in rows if r["label"] == "dense")
     assert all(float(r["max_load"]) >= 1.0 for r in wide if r["step"] != "0")  # busiest expert >= uniform
     loads = _rows(out / "load.csv")
@@ -94,3 +99,17 @@ def test_every_experiment_builds_valid_configs_on_both_sizes(tmp_path):
             runs = sweep.plan(exp, device, tmp_path)
             assert len(runs) == len(exp.variants) * len(exp.seeds)
             assert len({r.out_dir for r in runs}) == len(runs)
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, single_thread, monkeypatch):
+    blowup = experiments.Experiment("blowup", "a test", cpu=tiny.cpu, cuda=tiny.cuda, seeds=(1,),
+                                    variants={"ok": {}, "huge-lr": dict(lr=1e30, grad_clip=0.0)})
+    monkeypatch.setitem(experiments.EXPERIMENTS, "blowup", blowup)
+    out = sweep.run_sweep("blowup", runs_root=tmp_path / "runs", results_root=tmp_path / "data", progress=False)
+    rows = _rows(out / "results.csv")
+    diverged = {r["run"]: r["diverged"] for r in rows}
+    assert diverged == {"ok-s1": "False", "huge-lr-s1": "True"}
+    assert max(int(r["step"]) for r in rows if r["run"] == "ok-s1") == 6  # the other run finished
+    assert max(int(r["step"]) for r in rows if r["run"] == "huge-lr-s1") < 6
+    marker = json.loads((tmp_path / "runs" / "huge-lr-s1" / sweep.DONE).read_text())
+    assert "step" in marker["diverged"]
