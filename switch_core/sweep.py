@@ -223,6 +223,7 @@ def run_sweep(name: str, *, device: str = "cpu", runs_root: str | os.PathLike | 
     todo = [r for r in runs if not (resume and _is_done(r))]
     t0 = time.perf_counter()
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()  # the code the runs start from (the checkout may change while they run)
     walls = {}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress, desc=f"sweep {name}",
                unit="run")
@@ -242,7 +243,7 @@ def run_sweep(name: str, *, device: str = "cpu", runs_root: str | os.PathLike | 
     collect(exp, runs, results_dir)
     provenance = dict(
         experiment=name, title=exp.title, device=device, machine=machine(device), torch=torch.__version__,
-        python=platform.python_version(), git_commit=git_commit(), date=when,
+        python=platform.python_version(), git_commit=commit, date=when,
         command=command or "python -m switch_core.sweep " + name, jobs=jobs, threads_per_run=threads, train_rows_every=TRAIN_ROWS_EVERY,
         wall_time_s=round(time.perf_counter() - t0, 1), runs_timed_this_call=len(walls),
         run_wall_s={k: round(v, 2) for k, v in sorted(walls.items())},
