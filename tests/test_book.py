@@ -13,7 +13,7 @@
    ``test_check_flags_broken_page`` proves that the checker fails a page that is broken.
 4. Repository and launch buttons appear only with a repository URL (book/_ext/repository_links.py):
    the session build has none and must link to no repository; a tiny second build with
-   BOOK_REPOSITORY_URL set must link to that repository, on Colab and Binder too.
+   BOOK_REPOSITORY_URL set must link to that repository, on Binder too.
 """
 
 from __future__ import annotations
@@ -491,7 +491,7 @@ print(1 + 1)
 
 def test_repository_and_launch_links_with_repository_url(tmp_path):
     """With BOOK_REPOSITORY_URL set (an ssh URL here), a tiny book with this book's _config.yml and
-    extensions gets the repository button, and its notebook page Colab and Binder links into that
+    extensions gets the repository button, and its notebook page a Binder link into that
     repository; a plain Markdown page gets the repository button only."""
     book = tmp_path / "src"
     (book / "book").mkdir(parents=True)
@@ -511,8 +511,7 @@ def test_repository_and_launch_links_with_repository_url(tmp_path):
         assert buttons == [repo], f"{page}: repository button(s) {buttons}"
     launch = sorted(link["href"] for link in page_links(build.html / "book/page.html")
                     if link.get("href", "").startswith(LAUNCH_HOSTS))
-    assert launch == [
-        "https://colab.research.google.com/github/example-owner/example-book/blob/main/book/page.md",
+    assert launch == [  # no Colab: it cannot open a MyST .md page
         "https://mybinder.org/v2/gh/example-owner/example-book/main?urlpath=tree/book/page.md",
     ], launch
     assert not [link for link in page_links(build.html / "book/plain.html")
@@ -565,3 +564,12 @@ def test_repository_url_setting_and_git_origin(tmp_path):
 def test_toc_pages_are_found():
     assert PAGES[0] == "book/intro"
     assert all((REPO / f"{p}.md").is_file() for p in PAGES), PAGES
+
+
+def test_binder_installs_the_pins_and_the_package():
+    """The Binder button launches an environment with the book's pins (CPU torch), jupytext and switch_core."""
+    reqs = (REPO / "binder" / "requirements.txt").read_text().splitlines()
+    assert "-r ../requirements.txt" in reqs and "torch==2.13.0+cpu" in reqs
+    assert "jupytext==" in (REPO / "requirements.txt").read_text()
+    post = REPO / "binder" / "postBuild"
+    assert os.access(post, os.X_OK) and "pip install --no-deps -e ." in post.read_text()

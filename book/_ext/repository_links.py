@@ -8,11 +8,11 @@ The repository URL is one setting, read at build time:
    (https or ssh).
 
 Either way it is normalised to ``https://github.com/<owner>/<repo>`` (no ``.git``, no credentials).
-Only GitHub is accepted: Colab opens notebooks from GitHub only. A private GitHub repository cannot
+Only GitHub is accepted: the launch link is built as a mybinder.org ``gh`` link. A private GitHub repository cannot
 be told apart from here; build it with ``BOOK_REPOSITORY_URL=`` to show no buttons.
 
 With a URL, sphinx-book-theme gets ``repository_url``, ``use_repository_button`` and the launch
-services of ``repository_launch_buttons`` (``_config.yml``: Colab, Binder), which it turns into
+services of ``repository_launch_buttons`` (``_config.yml``: Binder; ``binder/`` sets up its environment), which it turns into
 links to ``<service>/.../<owner>/<repo>/<branch>/<page source>``. Without one, the repository button
 and every launch service are switched off (the theme adds no launch menu when no service is set).
 """
