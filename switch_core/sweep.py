@@ -166,6 +166,19 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def read_results(name: str, device: str = "cpu", root: str | os.PathLike = "book/data"):
+    """A committed sweep: (results.csv as a pandas DataFrame, provenance.json as a dict), from
+    ``root/<name>/<device>/``. Needs pandas (the book's extra)."""
+    import pandas as pd
+
+    results_dir = Path(root) / name / device
+    if not (results_dir / "results.csv").is_file():
+        raise FileNotFoundError(f"no committed results at {results_dir}; run python -m switch_core.sweep {name}"
+                                + (" --device cuda" if device == "cuda" else ""))
+    return (pd.read_csv(results_dir / "results.csv"),
+            json.loads((results_dir / "provenance.json").read_text()))
+
+
 def machine(device: str) -> str:
     """The CPU model (and core count), or the GPU's name."""
     if device == "cuda" and torch.cuda.is_available():

@@ -49,6 +49,11 @@ def test_a_sweep_writes_run_directories_results_and_provenance(tiny, tmp_path, s
     for key in ("git_commit", "torch", "machine", "threads_per_run", "date", "command", "wall_time_s"):
         assert prov[key] not in (None, "")
     assert prov["variants"]["wide"] == {"d_ff": 64} and prov["seeds"] == [1, 2]
+    pytest.importorskip("pandas")
+    df, prov_read = sweep.read_results("tiny", root=tmp_path / "data")
+    assert len(df) == len(rows) and prov_read == prov
+    with pytest.raises(FileNotFoundError, match="switch_core.sweep tiny --device cuda"):
+        sweep.read_results("tiny", "cuda", root=tmp_path / "data")
     # Same seed, same batches: the two seed-1 runs start from the same validation windows and data.
     assert rows[0]["val_loss"] != "" and _rows(tmp_path / "runs" / "dense-s1" / "metrics.csv")[-1]["step"] == "6"
 
