@@ -15,6 +15,7 @@ The top-1 gate (the max probability) multiplies the expert's output; a dropped t
 2025; before, it passed the token through).
 
 What cannot be represented (refused with `NotRepresentable`, a ValueError, naming it):
+
 - HF -> switch_core: a router bias (``router_bias=True`` with a non-zero bias), an activation other than
   relu/gelu/silu (e.g. "gelu_new"), capacity for a *different* sequence length than the one converted for.
 - switch_core -> HF: top_k > 1, gated activations (GEGLU/SwiGLU), expert biases, drop policies other than

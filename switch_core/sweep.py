@@ -6,7 +6,7 @@
     python -m switch_core.sweep --list                  # the experiments and their runs
 
 Run directories go to ``--runs`` (default ``runs/sweeps/<experiment>-<device>/<label>-s<seed>``, checkpoints and
-all); the small results go to ``--results`` (default ``book/data/<experiment>/<device>/``):
+all); the small results go to ``--results`` (default ``book/data/<experiment>/<device>/``)::
 
   results.csv      tidy, one row per (run, eval step or every TRAIN_ROWS_EVERY-th training step): experiment,
                    run, label, seed, the fields the runs vary (one named like a metric, e.g. lr, is written
