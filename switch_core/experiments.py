@@ -13,6 +13,8 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
 - ``capacity``: capacity factor 0.5, 1.0, 1.25, 2.0 and dropless with 8 experts (Table 1).
 - ``balance``: the load-balancing coefficient α from 1e-1 to 1e-5, and 0 (no loss), with 8 experts (§2.2).
 - ``stability``: initialisation scale 0.1 vs 1.0 and a bfloat16 vs float32 router, 5 seeds (Tables 2 and 3).
+- ``stability-lr``: the same model at learning rates 3x and 10x higher with no warmup, looking for the regime
+  where scale 1.0 becomes unstable (Table 3).
 """
 from __future__ import annotations
 
@@ -85,4 +87,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         variants={"init-0.1": dict(init_scale=0.1), "init-1.0": dict(init_scale=1.0),
                   "router-bf16": dict(init_scale=0.1, router_dtype="bfloat16")},
         seeds=(1, 2, 3, 4, 5)),
+    "stability-lr": Experiment(
+        "stability-lr", "The search for an unstable regime: init scale 0.1 vs 1.0 at learning rates 0.03 and 0.1, "
+        "no warmup, 3 seeds (Table 3)",
+        cpu=dict(_CPU, n_layer=6, batch_size=32, steps=300, warmup_steps=0, eval_interval=50, eval_batches=10,
+                 checkpoint_interval=300),
+        cuda=dict(_GPU, n_layer=8, steps=600, warmup_steps=0, eval_interval=50),
+        variants={f"init-{s}-lr-{lr:g}": dict(init_scale=s, lr=lr, min_lr=lr)
+                  for lr in (0.03, 0.1) for s in (0.1, 1.0)},
+        seeds=(1, 2, 3)),
 }
