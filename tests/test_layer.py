@@ -250,3 +250,36 @@ def test_router_dtype_bfloat16_rounds_the_router_and_nothing_else():
     assert_close(y[same.squeeze(-1)], y32[same.squeeze(-1)], atol=1e-2, rtol=1e-2)  # gates differ by rounding
     with pytest.raises(ValueError, match="router_dtype"):
         _layer(router_dtype="int8")
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("top_k, activation", [(1, "relu"), (2, "relu"), (1, "geglu")])
+def test_a_padded_token_influences_nothing_whatever_it_holds(backend, top_k, activation):
+    # A NaN or inf in a padded position used to reach the router: its logits and probabilities came out NaN
+    # and, through the softmax's backward (0 x NaN), so did the router's weight gradient.
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend=backend, capacity_factor=0.5, top_k=top_k, activation=activation)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[0, :3] = mask[1, -2:] = False
+
+    def run(fill):
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        x = torch.randn(2, 32, 16)
+        x[~mask] = fill
+        x.requires_grad_()
+        y, s = layer(x, token_mask=mask)
+        (y.square().sum() + s.balance_loss + s.z_loss).backward()
+        return y, s, x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+    y0, s0, gx0, g0 = run(0.0)
+    for fill in (float("nan"), float("inf"), -float("inf"), 3e38):
+        y, s, gx, g = run(fill)
+        assert torch.equal(y, y0) and (y[~mask] == 0).all()
+        for field in ("counts", "kept_counts", "balance_loss", "z_loss", "dropped_fraction", "expert_index", "gates",
+                      "router_probs", "router_logits"):
+            assert torch.equal(getattr(s, field), getattr(s0, field)), (fill, field)
+        assert torch.equal(gx, gx0) and (gx[~mask] == 0).all()
+        for name in g0:
+            assert torch.isfinite(g[name]).all() and torch.equal(g[name], g0[name]), (fill, name)
+
