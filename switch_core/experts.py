@@ -385,10 +385,12 @@ class Experts(nn.Module):
 def combine(h_AD: Tensor, gates_A: Tensor, d: Dispatch) -> Tensor:
     """y_TD [T, D] = Σ_k gate · row over each token's assignments; not-kept rows give exactly 0.
 
-    h_AD [A, D] expert outputs per assignment, gates_A [A]. NOTE: the rows are selected (torch.where) before the
-    gate multiplies them, so a NaN or inf in a row that is not kept can reach neither the output nor, through
-    the gate's gradient, the router."""
+    h_AD [A, D] expert outputs per assignment, gates_A [A]. NOTE: the rows and the gates are both selected
+    (torch.where) before they multiply, so a NaN or inf in a row that is not kept can reach neither the output
+    nor, through the gate's gradient, the router; and a dropped token whose own gate is NaN (its input is not
+    finite) still gets exactly 0."""
     dt = torch.promote_types(h_AD.dtype, gates_A.dtype)
-    y_AD = torch.where(d.keep_A[:, None], h_AD, 0).to(dt) * gates_A.to(dt)[:, None]
+    keep_A = d.keep_A
+    y_AD = torch.where(keep_A[:, None], h_AD, 0).to(dt) * torch.where(keep_A, gates_A, 0).to(dt)[:, None]
     K = d.top_k
     return y_AD.view(-1, K, h_AD.shape[1]).sum(dim=1) if K > 1 else y_AD

@@ -283,3 +283,18 @@ def test_a_padded_token_influences_nothing_whatever_it_holds(backend, top_k, act
         for name in g0:
             assert torch.isfinite(g[name]).all() and torch.equal(g[name], g0[name]), (fill, name)
 
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("top_k, activation", [(1, "relu"), (2, "relu"), (1, "geglu"), (2, "swiglu")])
+def test_a_dropped_token_gets_exactly_zero_even_when_its_own_input_is_not_finite(backend, top_k, activation):
+    # A NaN token's gate is NaN; combine used to multiply its zeroed row by that gate (0 x NaN = NaN), so a dropped
+    # NaN token came out NaN in every backend but the CPU fast path.
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend=backend, capacity_factor=0.25, top_k=top_k, activation=activation)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(64, 16)
+        x[-1, 3] = bad  # the last token: over capacity (position policy, at most 4·top_k slots, 63 tokens before)
+        y, s = layer(x)
+        assert all(int(s.counts[e]) >= 4 * top_k + 1 for e in s.expert_index[-1].tolist())
+        assert (y[-1] == 0).all() and torch.isfinite(y).all(), bad
+
