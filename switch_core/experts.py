@@ -357,6 +357,9 @@ class Experts(nn.Module):
         row_A = torch.where(d.keep_A, kept_start_E[d.expert_A.clamp(max=E - 1)] + d.rank_A, spare_A)
         assignment_S = torch.empty_like(row_A).scatter_(0, row_A, torch.arange(A, device=row_A.device))
         x_AD = x_TD.repeat_interleave(K, 0) if K > 1 else x_TD
+        # NOTE: the rows that are not kept become zeros: grouped_mm runs the last expert over the spare rows (see
+        # _gmm), so a NaN there would enter that expert's weight gradient as 0 x NaN.
+        x_AD = torch.where(d.keep_A[:, None], x_AD, 0)
         x_SD = _Permute.apply(x_AD, assignment_S, row_A)
         y_SD = self.grouped_ffn(x_SD, kept_end_E.to(torch.int32))
         return _Permute.apply(y_SD, row_A, assignment_S)

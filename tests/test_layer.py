@@ -298,3 +298,26 @@ def test_a_dropped_token_gets_exactly_zero_even_when_its_own_input_is_not_finite
         assert all(int(s.counts[e]) >= 4 * top_k + 1 for e in s.expert_index[-1].tolist())
         assert (y[-1] == 0).all() and torch.isfinite(y).all(), bad
 
+
+def test_a_dropped_non_finite_token_leaves_the_grouped_matmuls_weight_gradient_finite(monkeypatch):
+    # On an accelerator grouped_mm stretches the last expert's group over the spare rows (the dropped and padded
+    # assignments, see experts._gmm), so whatever those rows hold enters that expert's weight gradient as 0 x row.
+    # Emulated here on the CPU: a dropped NaN token must not make it NaN.
+    from switch_core import experts
+
+    def stretched_gmm(x_SD, w_EDF, offs_E):
+        bounds = [0] + offs_E.tolist()
+        return experts._SegmentMM.apply(x_SD, w_EDF, bounds[:-1] + [x_SD.shape[0]])
+
+    monkeypatch.setattr(experts, "_gmm", stretched_gmm)
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend="grouped", capacity_factor=0.25, activation="geglu")
+    x = torch.randn(64, 16)
+    x[-1] = float("nan")  # the last token: over capacity (position policy, 4 slots per expert, 63 tokens before)
+    y, s = layer(x)
+    assert (s.counts >= 5).all()  # whichever expert the NaN token picked, it had no slot left
+    assert torch.isfinite(y[:-1]).all()
+    y.square().sum().backward()
+    for name, p in layer.named_parameters():
+        if name.startswith("experts."):
+            assert torch.isfinite(p.grad).all(), name
