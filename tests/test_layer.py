@@ -321,3 +321,25 @@ def test_a_dropped_non_finite_token_leaves_the_grouped_matmuls_weight_gradient_f
     for name, p in layer.named_parameters():
         if name.startswith("experts."):
             assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("shape", [(0, D), (3, 0, D), (0, 0, D)])
+def test_empty_input_of_any_shape_with_mask_groups_and_policies(backend, shape):
+    # Issue 11, item 8: `layer(torch.randn(0, 16))` raised ZeroDivisionError.
+    for top_k, policy, group_size, cf, activation, dtype in [(1, "position", None, 1.0, "relu", torch.float32),
+                                                             (2, "priority", 3, None, "geglu", torch.float64),
+                                                             (2, "random", 1, 0.5, "relu", torch.bfloat16)]:
+        layer = _layer(backend=backend, top_k=top_k, drop_policy=policy, group_size=group_size, capacity_factor=cf,
+                       activation=activation).to(dtype)
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        for mask in (None, torch.ones(shape[:-1], dtype=torch.bool)):
+            y, s = layer(x, token_mask=mask)
+            assert y.shape == x.shape and y.dtype == dtype
+            assert s.expert_index.shape == (*shape[:-1], top_k) and s.router_probs.shape == (*shape[:-1], E)
+            assert s.counts.tolist() == [0] * E and s.kept_counts.tolist() == [0] * E
+            for value in (s.balance_loss, s.z_loss, s.dropped_fraction):
+                assert float(value.detach()) == 0.0
+            layer.zero_grad(set_to_none=True)
+            (y.sum() + s.balance_loss + s.z_loss).backward()
+            assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
