@@ -202,9 +202,10 @@ def reference(c, params, x, mask, layer_stats, forced=()):
             seq = list(ts)
             if c["policy"] == "priority":
                 seq = sorted(ts, key=lambda t: (-gl[t][k], t))
-                near = [a for a, b in zip(seq, seq[1:]) if real[a] and real[b] and choice[a][k] == choice[b][k]
-                        and 0 < gl[a][k] - gl[b][k] <= ROUTE_TOL[torch.float32]]
-                if near and dt != torch.float64:  # float64 cannot settle it: the layer's (rounded) gates do
+                # Two gates of one expert closer than the layer's rounding (but not equal: equal ones are equal
+                # there too, and tie by position): float64 cannot settle their order; the layer's gates do.
+                by_expert = [sorted(gl[t][k] for t in ts if real[t] and choice[t][k] == e) for e in range(E)]
+                if any(0 < b - a <= ROUTE_TOL[dt] for g in by_expert for a, b in zip(g, g[1:])):
                     lk = lay_gates[:, k].tolist()
                     seq = sorted(ts, key=lambda t: (-lk[t], t))
             for t in seq:
@@ -230,7 +231,7 @@ def reference(c, params, x, mask, layer_stats, forced=()):
     for t in range(T):
         counts[choice[t][0]] += int(real[t])
     bal_terms = []
-    for ts in groups_of(c, T) if c["group_size"] is not None and c["group_size"] < T else [list(range(T))]:
+    for ts in groups_of(c, T):  # the mean over the groups with a real token of each group's loss
         rs = [t for t in ts if real[t]]
         if rs:
             f = torch.zeros(E, dtype=torch.float64)
