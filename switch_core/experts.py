@@ -12,7 +12,8 @@ Backends, all computing the same thing (tests hold them to each other):
   into the same autograd function (`_SortedExpertsCPU`): one gather, two matmuls per expert, one scatter.
 
 Every backend returns y [T, D] = Σ_k gate_k · expert_k(x), exactly 0 for dropped and padded assignments: their
-rows are selected away, never multiplied by a zero gate (0 · NaN would be NaN).
+rows and gates are selected away, never multiplied by a zero gate (0 · NaN would be NaN), and their inputs reach
+no expert's matmul (nor its weight gradient).
 
 Shape legend: T tokens, K choices, A = T·K assignments, E experts, C capacity, D = d_model, F = d_ff.
 """
@@ -369,7 +370,8 @@ class Experts(nn.Module):
 
         x_SD [S, D] sorted by expert, offs_E int32 [E] cumulative row ends -> [S, D] in x's dtype. Rows past
         offs[-1] (dropped or padded assignments) are spare: their outputs are values of no meaning, which the
-        caller selects away. Used by the grouped backend and by expert parallelism."""
+        caller selects away; the caller fills them with zeros (on an accelerator grouped_mm runs the last expert
+        over them: they enter its weight gradient). Used by the grouped backend and by expert parallelism."""
         dt = x_SD.dtype
         if self.b_in is not None:
             rows_S = torch.arange(x_SD.shape[0], device=x_SD.device)
