@@ -12,7 +12,8 @@ Backends, all computing the same thing (tests hold them to each other):
   into the same autograd function (`_SortedExpertsCPU`): one gather, two matmuls per expert, one scatter.
 
 Every backend returns y [T, D] = Σ_k gate_k · expert_k(x), exactly 0 for dropped and padded assignments: their
-rows are selected away, never multiplied by a zero gate (0 · NaN would be NaN).
+rows and gates are selected away, never multiplied by a zero gate (0 · NaN would be NaN), and their inputs reach
+no expert's matmul (nor its weight gradient).
 
 Shape legend: T tokens, K choices, A = T·K assignments, E experts, C capacity, D = d_model, F = d_ff.
 """
@@ -357,6 +358,9 @@ class Experts(nn.Module):
         row_A = torch.where(d.keep_A, kept_start_E[d.expert_A.clamp(max=E - 1)] + d.rank_A, spare_A)
         assignment_S = torch.empty_like(row_A).scatter_(0, row_A, torch.arange(A, device=row_A.device))
         x_AD = x_TD.repeat_interleave(K, 0) if K > 1 else x_TD
+        # NOTE: the rows that are not kept become zeros: grouped_mm runs the last expert over the spare rows (see
+        # _gmm), so a NaN there would enter that expert's weight gradient as 0 x NaN.
+        x_AD = torch.where(d.keep_A[:, None], x_AD, 0)
         x_SD = _Permute.apply(x_AD, assignment_S, row_A)
         y_SD = self.grouped_ffn(x_SD, kept_end_E.to(torch.int32))
         return _Permute.apply(y_SD, row_A, assignment_S)
@@ -366,7 +370,8 @@ class Experts(nn.Module):
 
         x_SD [S, D] sorted by expert, offs_E int32 [E] cumulative row ends -> [S, D] in x's dtype. Rows past
         offs[-1] (dropped or padded assignments) are spare: their outputs are values of no meaning, which the
-        caller selects away. Used by the grouped backend and by expert parallelism."""
+        caller selects away; the caller fills them with zeros (on an accelerator grouped_mm runs the last expert
+        over them: they enter its weight gradient). Used by the grouped backend and by expert parallelism."""
         dt = x_SD.dtype
         if self.b_in is not None:
             rows_S = torch.arange(x_SD.shape[0], device=x_SD.device)
@@ -385,10 +390,12 @@ class Experts(nn.Module):
 def combine(h_AD: Tensor, gates_A: Tensor, d: Dispatch) -> Tensor:
     """y_TD [T, D] = Σ_k gate · row over each token's assignments; not-kept rows give exactly 0.
 
-    h_AD [A, D] expert outputs per assignment, gates_A [A]. NOTE: the rows are selected (torch.where) before the
-    gate multiplies them, so a NaN or inf in a row that is not kept can reach neither the output nor, through
-    the gate's gradient, the router."""
+    h_AD [A, D] expert outputs per assignment, gates_A [A]. NOTE: the rows and the gates are both selected
+    (torch.where) before they multiply, so a NaN or inf in a row that is not kept can reach neither the output
+    nor, through the gate's gradient, the router; and a dropped token whose own gate is NaN (its input is not
+    finite) still gets exactly 0."""
     dt = torch.promote_types(h_AD.dtype, gates_A.dtype)
-    y_AD = torch.where(d.keep_A[:, None], h_AD, 0).to(dt) * gates_A.to(dt)[:, None]
+    keep_A = d.keep_A
+    y_AD = torch.where(keep_A[:, None], h_AD, 0).to(dt) * torch.where(keep_A, gates_A, 0).to(dt)[:, None]
     K = d.top_k
     return y_AD.view(-1, K, h_AD.shape[1]).sum(dim=1) if K > 1 else y_AD

@@ -33,9 +33,11 @@ class SwitchStats:
     z_loss: float32 scalar, mean logsumexp(logits)² (ST-MoE), unweighted.
     dropped_fraction: float32 scalar, dropped real assignments / real assignments.
     expert_index: long [..., K], chosen experts (-1 for padding).  gates: [..., K] (0 for padding).
-    router_probs, router_logits: [..., E].  gates, probabilities and logits are float32 (the router's dtype when
-    ``router_dtype`` lowers it).  capacity: slots per expert per capacity group (python int).
-    An empty input (no tokens) gives empty tensors, zero counts and zero losses."""
+    router_probs, router_logits: [..., E] (at padding: those of a zero token, whatever the padding holds).  gates,
+    probabilities and logits are float32 (the router's dtype when ``router_dtype`` lowers it).
+    capacity: slots per expert per capacity group (python int).
+    An empty input (no tokens, e.g. [0, D] or [B, 0, D]) gives empty tensors, zero counts and zero (finite)
+    losses and dropped fraction; so does an input that is all padding."""
 
     counts: Tensor
     kept_counts: Tensor
@@ -223,6 +225,10 @@ class SwitchFeedForward(nn.Module):
         lead, T, K, E = x.shape[:-1], x.shape[:-1].numel(), self.top_k, self.n_experts
         x_TD = x.reshape(T, self.d_model)
         mask_T = None if token_mask is None else token_mask.reshape(T)
+        if mask_T is not None:
+            # Padding influences nothing: a zero token in its place, whatever it holds (a NaN would reach the
+            # router's logits and, as 0 x NaN in the softmax's backward, the router's gradient).
+            x_TD = torch.where(mask_T[:, None], x_TD, 0)
 
         # 1. Route (float32): logits, probabilities, the top-k experts and their gates.
         r = route(self.router(x_TD), K)

@@ -250,3 +250,96 @@ def test_router_dtype_bfloat16_rounds_the_router_and_nothing_else():
     assert_close(y[same.squeeze(-1)], y32[same.squeeze(-1)], atol=1e-2, rtol=1e-2)  # gates differ by rounding
     with pytest.raises(ValueError, match="router_dtype"):
         _layer(router_dtype="int8")
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("top_k, activation", [(1, "relu"), (2, "relu"), (1, "geglu")])
+def test_a_padded_token_influences_nothing_whatever_it_holds(backend, top_k, activation):
+    # A NaN or inf in a padded position used to reach the router: its logits and probabilities came out NaN
+    # and, through the softmax's backward (0 x NaN), so did the router's weight gradient.
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend=backend, capacity_factor=0.5, top_k=top_k, activation=activation)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[0, :3] = mask[1, -2:] = False
+
+    def run(fill):
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        x = torch.randn(2, 32, 16)
+        x[~mask] = fill
+        x.requires_grad_()
+        y, s = layer(x, token_mask=mask)
+        (y.square().sum() + s.balance_loss + s.z_loss).backward()
+        return y, s, x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+    y0, s0, gx0, g0 = run(0.0)
+    for fill in (float("nan"), float("inf"), -float("inf"), 3e38):
+        y, s, gx, g = run(fill)
+        assert torch.equal(y, y0) and (y[~mask] == 0).all()
+        for field in ("counts", "kept_counts", "balance_loss", "z_loss", "dropped_fraction", "expert_index", "gates",
+                      "router_probs", "router_logits"):
+            assert torch.equal(getattr(s, field), getattr(s0, field)), (fill, field)
+        assert torch.equal(gx, gx0) and (gx[~mask] == 0).all()
+        for name in g0:
+            assert torch.isfinite(g[name]).all() and torch.equal(g[name], g0[name]), (fill, name)
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("top_k, activation", [(1, "relu"), (2, "relu"), (1, "geglu"), (2, "swiglu")])
+def test_a_dropped_token_gets_exactly_zero_even_when_its_own_input_is_not_finite(backend, top_k, activation):
+    # A NaN token's gate is NaN; combine used to multiply its zeroed row by that gate (0 x NaN = NaN), so a dropped
+    # NaN token came out NaN in every backend but the CPU fast path.
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend=backend, capacity_factor=0.25, top_k=top_k, activation=activation)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(64, 16)
+        x[-1, 3] = bad  # the last token: over capacity (position policy, at most 4·top_k slots, 63 tokens before)
+        y, s = layer(x)
+        assert all(int(s.counts[e]) >= 4 * top_k + 1 for e in s.expert_index[-1].tolist())
+        assert (y[-1] == 0).all() and torch.isfinite(y).all(), bad
+
+
+def test_a_dropped_non_finite_token_leaves_the_grouped_matmuls_weight_gradient_finite(monkeypatch):
+    # On an accelerator grouped_mm stretches the last expert's group over the spare rows (the dropped and padded
+    # assignments, see experts._gmm), so whatever those rows hold enters that expert's weight gradient as 0 x row.
+    # Emulated here on the CPU: a dropped NaN token must not make it NaN.
+    from switch_core import experts
+
+    def stretched_gmm(x_SD, w_EDF, offs_E):
+        bounds = [0] + offs_E.tolist()
+        return experts._SegmentMM.apply(x_SD, w_EDF, bounds[:-1] + [x_SD.shape[0]])
+
+    monkeypatch.setattr(experts, "_gmm", stretched_gmm)
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, backend="grouped", capacity_factor=0.25, activation="geglu")
+    x = torch.randn(64, 16)
+    x[-1] = float("nan")  # the last token: over capacity (position policy, 4 slots per expert, 63 tokens before)
+    y, s = layer(x)
+    assert (s.counts >= 5).all()  # whichever expert the NaN token picked, it had no slot left
+    assert torch.isfinite(y[:-1]).all()
+    y.square().sum().backward()
+    for name, p in layer.named_parameters():
+        if name.startswith("experts."):
+            assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "auto"])
+@pytest.mark.parametrize("shape", [(0, D), (3, 0, D), (0, 0, D)])
+def test_empty_input_of_any_shape_with_mask_groups_and_policies(backend, shape):
+    # Issue 11, item 8: `layer(torch.randn(0, 16))` raised ZeroDivisionError.
+    for top_k, policy, group_size, cf, activation, dtype in [(1, "position", None, 1.0, "relu", torch.float32),
+                                                             (2, "priority", 3, None, "geglu", torch.float64),
+                                                             (2, "random", 1, 0.5, "relu", torch.bfloat16)]:
+        layer = _layer(backend=backend, top_k=top_k, drop_policy=policy, group_size=group_size, capacity_factor=cf,
+                       activation=activation).to(dtype)
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        for mask in (None, torch.ones(shape[:-1], dtype=torch.bool)):
+            y, s = layer(x, token_mask=mask)
+            assert y.shape == x.shape and y.dtype == dtype
+            assert s.expert_index.shape == (*shape[:-1], top_k) and s.router_probs.shape == (*shape[:-1], E)
+            assert s.counts.tolist() == [0] * E and s.kept_counts.tolist() == [0] * E
+            for value in (s.balance_loss, s.z_loss, s.dropped_fraction):
+                assert float(value.detach()) == 0.0
+            layer.zero_grad(set_to_none=True)
+            (y.sum() + s.balance_loss + s.z_loss).backward()
+            assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
