@@ -37,7 +37,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import parallel
-from .checkpoint import RunLog, checkpoint_dict, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, RunLog, check_out_dir, checkpoint_dict, commit_replacement, load_checkpoint,
+                         read_run_rows, recover_replaced_run, replace_text, save_checkpoint, set_rng_state,
+                         start_out_dir)
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM, parameter_counts
 
@@ -45,6 +47,9 @@ from .model import ModelConfig, SwitchLM, parameter_counts
 # re-times the cosine schedule from the resumed step on, so the run is no longer identical to an uninterrupted one.)
 RESUMABLE_FIELDS = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "sample_chars",
                     "data_root")
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + 1 and seed + rank must fit too
+# Upper bounds that keep a typo from running for ever (each sampled character and each eval batch is a forward).
+MAX_SAMPLE_CHARS, MAX_EVAL_BATCHES = 1_000_000, 100_000
 
 # Presets are plain config overrides (ModelConfig and TrainConfig field names, flat).
 PRESETS: dict[str, dict] = {
@@ -94,6 +99,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        for name, maximum in (("seed", MAX_SEED), ("sample_chars", MAX_SAMPLE_CHARS),
+                              ("eval_batches", MAX_EVAL_BATCHES)):
+            if getattr(self, name) > maximum:
+                raise ValueError(f"{name} must be <= {maximum:_}, got {getattr(self, name):_}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "balance_coef", "z_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -167,16 +176,59 @@ class Runtime:
         return nullcontext()
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Pick the device; with cfg.expert_parallel, join the process group torchrun describes (one process per rank)."""
-    if cfg.expert_parallel:  # one process per rank, started by torchrun
-        return Runtime(*parallel.setup_distributed(cfg.device))
+def setup_runtime(cfg: TrainConfig, dist_timeout: float = 600.0) -> Runtime:
+    """Pick the device; with cfg.expert_parallel, join the process group torchrun describes (one process per rank).
+    dist_timeout: seconds the process group's init and collectives wait for a missing rank."""
+    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or \
+            not 0 < dist_timeout < math.inf:
+        raise ValueError(f"dist_timeout must be a finite number of seconds > 0, got {dist_timeout!r}")
     name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available")
+    if cfg.expert_parallel:  # one process per rank, started by torchrun
+        return Runtime(*parallel.setup_distributed(cfg.device, timeout_s=dist_timeout))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     return Runtime(torch.device(name))
+
+
+def memory_estimate(cfg: TrainConfig, world_size: int = 1) -> dict[str, int]:
+    """A lower bound on the bytes one rank needs to train cfg in float32: weights, gradients and AdamW's two
+    moments (experts split over the ranks), and the activations autograd keeps for one batch (a rough count:
+    it refuses only runs that cannot fit, and says how far off they are)."""
+    m, B = cfg.model, cfg.batch_size
+    total = parameter_counts(m)["total"]
+    dense = parameter_counts(replace(m, switch_every=0))["total"]
+    experts = max(0, total - dense)  # the extra experts (and routers) of the Switch layers
+    params = total - experts + experts // world_size
+    tokens = B * m.seq_len
+    per_layer = tokens * (8 * m.d_model + 2 * m.d_ff + 2 * m.n_experts)  # no T² term: fused attention has none
+    activations = m.n_layer * per_layer + 3 * tokens * m.vocab_size
+    return {"parameters": 4 * 4 * params, "activations": 4 * activations}
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on the device (the GPU's, or the machine's RAM for the CPU); None when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, runtime: Runtime) -> None:
+    """ValueError, before anything is allocated, when the run cannot fit in the device's memory."""
+    need, have = memory_estimate(cfg, runtime.world_size), device_memory(runtime.device)
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+    if have is not None and sum(need.values()) > have:
+        raise ValueError(f"this run needs at least {gib(sum(need.values()))} on {runtime.device} (parameters "
+                         f"and optimizer state {gib(need['parameters'])}, activations {gib(need['activations'])}) "
+                         f"but it has {gib(have)}; lower --batch-size, --n-experts, --d-model or --seq-len")
 
 
 def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -255,14 +307,44 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss or the gradient norm became NaN or infinite."""
 
 
-def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
+def check_resumable(cfg: TrainConfig, saved: TrainConfig, names: tuple[str, str] = ("checkpoint", "given"),
+                    prefix: str = "cannot resume with a different config") -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE_FIELDS."""
     flat = lambda c: {**c.to_dict()["model"], **{k: v for k, v in c.to_dict().items() if k != "model"}}  # noqa
     new, old = flat(cfg), flat(saved)
-    bad = [f"{k} (checkpoint {old[k]!r}, given {new[k]!r})" for k in new
+    bad = [f"{k} ({names[0]} {old[k]!r}, {names[1]} {new[k]!r})" for k in new
            if new[k] != old[k] and k not in RESUMABLE_FIELDS]
     if bad:
-        raise ValueError("cannot resume with a different config: " + "; ".join(bad))
+        raise ValueError(f"{prefix}: " + "; ".join(bad))
+
+
+def saved_config(ckpt: dict, path) -> TrainConfig:
+    """The TrainConfig a checkpoint was saved with; CheckpointError naming the file when it is not valid."""
+    try:
+        return TrainConfig(**ckpt["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a usable checkpoint (its config is invalid: {e})") from None
+
+
+def checkpoint_file(out: Path, runtime: Runtime) -> Path:
+    """This process's checkpoint file in the run directory (its shard of the committed set when expert-parallel)."""
+    if not runtime.distributed:
+        return out / "checkpoint.pt"
+    return parallel.committed_shard_path(out / "checkpoint.pt", runtime.rank) or out / "checkpoint.pt"
+
+
+def check_run_config(out: Path, saved: TrainConfig, path: Path) -> None:
+    """Refuse a checkpoint whose config differs from the run's config.json beyond RESUMABLE_FIELDS (a checkpoint
+    swapped in from another run)."""
+    run_file = out / "config.json"
+    if not run_file.exists():
+        return
+    try:
+        run_cfg = TrainConfig(**json.loads(run_file.read_text()))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run_file} is damaged ({e}); it cannot be resumed from") from None
+    check_resumable(saved, run_cfg, names=("config.json", "checkpoint"),
+                    prefix=f"{path} does not belong to the run in {out}: its config differs from config.json")
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -277,8 +359,9 @@ class TrainState:
     step: int = 0
 
 
-def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainState:
-    """A fresh TrainState from cfg.seed, or the one saved in `ckpt` (RNG states included)."""
+def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None, ckpt_path=None) -> TrainState:
+    """A fresh TrainState from cfg.seed, or the one saved in `ckpt` (RNG states included). A checkpoint that does
+    not fit the model raises CheckpointError naming ckpt_path."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = SwitchLM(cfg.model).to(runtime.device)
@@ -288,12 +371,17 @@ def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainS
     state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg)),
                        torch.Generator().manual_seed(cfg.seed + runtime.rank))  # each rank its own batches
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.scheduler.load_state_dict(ckpt["scheduler"])
-        state.scheduler.lr_lambdas[0] = WarmupCosine(cfg)  # `steps` may have changed (RESUMABLE_FIELDS)
-        state.batch_gen.set_state(ckpt["batch_rng"])
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            state.scheduler.load_state_dict(ckpt["scheduler"])
+            state.scheduler.lr_lambdas[0] = WarmupCosine(cfg)  # `steps` may have changed (RESUMABLE_FIELDS)
+            state.batch_gen.set_state(ckpt["batch_rng"])
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{ckpt_path} is not a usable checkpoint (it does not fit the model: "
+                                  f"{type(e).__name__}: {first})") from None
         state.step = ckpt["step"]
     return state
 
@@ -339,35 +427,55 @@ class TrainResult:
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
           overwrite: bool = False, stop_at: int | None = None, progress: bool = True,
-          data: CharData | None = None, on_batch=None) -> TrainResult:
+          data: CharData | None = None, on_batch=None, dist_timeout: float = 600.0) -> TrainResult:
     """Train (or, with resume=True, continue) a model; returns the model and its metrics.
 
     out_dir None keeps everything in memory. stop_at ends this call after that step, as if preempted
     (checkpoint written, no samples); a later resume=True call continues exactly. data defaults to
     Tiny Shakespeare from cfg.data_root. on_batch(step, x_BT, y_BT), if given, sees every training batch
-    (step = the update it feeds, 1-based) before the update; it must not modify them."""
+    (step = the update it feeds, 1-based) before the update; it must not modify them. dist_timeout: seconds the
+    ranks of an expert-parallel run wait for each other.
+
+    Everything (config, device, data, the checkpoint and logs resumed from, memory) is checked before the run
+    directory is touched; overwrite moves the old run aside and deletes it once the new run's first checkpoint
+    is committed (it is put back if the new run fails before)."""
     if on_batch is not None and not callable(on_batch):
         raise TypeError(f"on_batch must be callable or None, got {type(on_batch).__name__}")
     # 1. Run directory, device, data; model, optimizer, schedule and RNGs, fresh or from the checkpoint.
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
         raise ValueError(f"stop_at must be an int >= 1 or None, got {stop_at!r}")
-    runtime = setup_runtime(cfg)
-    out = prepare_out_dir(out_dir, resume, overwrite)  # every rank checks before any rank writes
+    runtime = setup_runtime(cfg, dist_timeout)
+    if out_dir is not None and runtime.is_main:  # finish an --overwrite a crash interrupted (keep or restore)
+        recover_replaced_run(Path(out_dir))
     runtime.barrier()
-    ckpt = None
+    out = check_out_dir(out_dir, resume, overwrite)  # every rank checks before any rank writes
+    ckpt = ckpt_path = rows = None
     if resume:
+        ckpt_path = checkpoint_file(out, runtime)
         ckpt = parallel.load_sharded_checkpoint(out / "checkpoint.pt") if runtime.distributed \
-            else load_checkpoint(out / "checkpoint.pt")
-        check_resumable(cfg, TrainConfig(**ckpt["config"]))
+            else load_checkpoint(ckpt_path)
+        saved = saved_config(ckpt, ckpt_path)
+        check_run_config(out, saved, ckpt_path)
+        check_resumable(cfg, saved)
     data = data if data is not None else load_char_data(cfg.data_root)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"vocab_size is {cfg.model.vocab_size} but the data has {data.tokenizer.vocab_size} symbols")
-    state = build_state(cfg, runtime, ckpt)
+    if min(len(data.train), len(data.val)) < cfg.model.seq_len + 1:
+        raise ValueError(f"seq_len {cfg.model.seq_len} needs at least {cfg.model.seq_len + 1} tokens per split; "
+                         f"the data has {len(data.train)} (train) and {len(data.val)} (validation)")
+    check_memory(cfg, runtime)
+    if resume and runtime.is_main:  # only rank 0 logs
+        rows = read_run_rows(out, ckpt["step"], cfg.model.n_switch_layers * cfg.model.n_experts)
+    runtime.barrier()
+    # Everything is checked: now the run directory may change (an old run is moved aside, not deleted).
+    replaced = start_out_dir(out, overwrite) if runtime.is_main else False
+    runtime.barrier()
+    state = build_state(cfg, runtime, ckpt, ckpt_path)
     model = wrap_model(state.model, runtime)
     ckpt_dir, out = out, (out if runtime.is_main else None)  # only rank 0 logs; every rank saves its shard
     if out is not None:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    run_log = RunLog(out, state.step if ckpt is not None else None)
+        replace_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    run_log = RunLog(out, state.step if ckpt is not None else None, rows)
     last_good, end = (state.step if ckpt is not None else None), min(stop_at or cfg.steps, cfg.steps)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and runtime.is_main), desc="train")
     try:
@@ -397,6 +505,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
                 else:
                     save_checkpoint(ckpt_dir / "checkpoint.pt", state, cfg.to_dict())
                 last_good = step
+                if replaced:  # the new run has started for real: the old one can go
+                    commit_replacement(out)
+                    replaced = False
     except NonFiniteLossError as e:
         kept = (f"the last good checkpoint {out / 'checkpoint.pt'} (step {last_good}) was kept"
                 if out is not None and last_good is not None else "no checkpoint had been written")
@@ -405,6 +516,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     finally:
         bar.close()
         run_log.close()
+        if replaced:  # the new run failed before its first checkpoint: put the old run back
+            recover_replaced_run(out)
 
     # 6. Samples from the final model.
     samples = ""
@@ -453,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="dense baseline: no Switch layers (--switch-every 0)")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if preempted (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="expert parallel: how long the ranks wait for each other (init and collectives; default 600)")
     for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
         group = p.add_argument_group(f"{title} config ({cls.__name__} fields)")
         for f in fields(cls):
@@ -471,18 +586,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset, then explicit flags; on --resume the checkpoint's config, then explicit flags."""
-    run_keys = {"preset", "out", "resume", "overwrite", "dense", "stop_at", "no_progress"}
+    run_keys = {"preset", "out", "resume", "overwrite", "dense", "stop_at", "no_progress", "dist_timeout"}
     overrides = {k: v for k, v in vars(args).items() if k not in run_keys}
     if args.dense:
         overrides["switch_every"] = 0
     saved_at = None
     if args.resume and args.out is not None:  # rank 0's file when expert-parallel (the same config on every rank)
+        recover_replaced_run(Path(args.out)) if _launch_rank() == 0 else None  # an interrupted --overwrite
         single = Path(args.out) / "checkpoint.pt"
-        saved_at = next((p for p in (single, parallel.rank_checkpoint_path(single, 0)) if p.exists()), None)
+        saved_at = next((p for p in (single, parallel.committed_shard_path(single, 0)) if p and p.exists()), None)
     if saved_at is not None:
-        saved = TrainConfig(**load_checkpoint(saved_at)["config"])
+        saved = saved_config(load_checkpoint(saved_at), saved_at)
         return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
     return make_config(args.preset or "cpu", **overrides)
+
+
+def _launch_rank() -> int:
+    """This process's rank: the process group's, else torchrun's RANK, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _error(message: object) -> None:
+    """One `error:` line on stderr, written at once (ranks other than 0 say which they are)."""
+    rank = _launch_rank()
+    text = " ".join(str(message).split("\n"))
+    sys.stderr.write(f"error: {text}\n" if rank == 0 else f"error: [rank {rank}] {text}\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,13 +624,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
-                       progress=not args.no_progress)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+                       progress=not args.no_progress, dist_timeout=args.dist_timeout)
+        rank = _launch_rank()
+    except (ValueError, TypeError, OSError, OverflowError, MemoryError) as e:  # config, files, checkpoints, disk
+        _error(e if not isinstance(e, MemoryError) else f"out of memory ({e}); lower --batch-size or --n-experts")
         return 2
-    except (RuntimeError, OSError) as e:  # NaN/inf guard, data checksum or download, file system
-        print(f"error: {e}", file=sys.stderr)
+    except RuntimeError as e:  # NaN/inf guard, data checksum or download, a rank lost
+        _error(e)
         return 1
     finally:
         parallel.teardown_distributed()
