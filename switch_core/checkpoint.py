@@ -30,16 +30,15 @@ FAULT_ENV = "SWITCH_CORE_FAULT"
 
 
 def fault_point(name: str, step: int | None = None, rank: int = 0) -> None:
-    """Test hook: SIGKILL this process here when $SWITCH_CORE_FAULT is "name:step" or "name:step:rank"."""
+    """Test hook: SIGKILL this process here when $SWITCH_CORE_FAULT is "name", "name:step", "name:step:rank" or
+    "name:step:rank:stop" (SIGSTOP instead: a hung rank). An empty or "*" step or rank matches any."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    parts = spec.split(":")
-    if parts[0] != name or (len(parts) > 1 and parts[1] not in ("", "*", str(step))):
+    parts = spec.split(":") + ["", "", ""]
+    if parts[0] != name or parts[1] not in ("", "*", str(step)) or parts[2] not in ("", "*", str(rank)):
         return
-    if len(parts) > 2 and parts[2] != str(rank):
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if parts[3] == "stop" else signal.SIGKILL)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -318,8 +317,9 @@ class RunLog:
 
     def __init__(self, out: Path | None, resumed_step: int | None, rows: tuple[list, list] | None = None):
         if rows is None:
-            keep = lambda name: read_csv_rows(out / name, resumed_step) if out and resumed_step is not None else []  # noqa
-            rows = keep("metrics.csv"), keep("expert_load.csv")
+            resumed = out is not None and resumed_step is not None
+            rows = tuple(read_csv_rows(out / name, resumed_step) if resumed else []
+                         for name in ("metrics.csv", "expert_load.csv"))
         self.metrics, self.loads = rows
         self.files = [CsvLog(out / "metrics.csv" if out else None, METRIC_COLUMNS, self.metrics),
                       CsvLog(out / "expert_load.csv" if out else None, LOAD_COLUMNS, self.loads)]

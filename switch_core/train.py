@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import parallel
-from .checkpoint import (CheckpointError, RunLog, check_out_dir, checkpoint_dict, commit_replacement, load_checkpoint,
-                         read_run_rows, recover_replaced_run, replace_text, save_checkpoint, set_rng_state,
-                         start_out_dir)
+from .checkpoint import (CheckpointError, RunLog, check_out_dir, checkpoint_dict, commit_replacement, fault_point,
+                         load_checkpoint, read_run_rows, recover_replaced_run, replace_text, save_checkpoint,
+                         set_rng_state, start_out_dir)
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM, parameter_counts
 
@@ -496,6 +496,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
             router, load = router_metrics(stats, x_BT.numel(), step)
             run_log.log(dict(step=step, train_loss=train_loss, val_loss=val_loss, **router,
                              tokens_per_s=tokens_per_s, lr=lr), load)
+            fault_point("after_log", step, runtime.rank)  # a test hook (SWITCH_CORE_FAULT); no-op otherwise
             bar.update()
             bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             # 5. Checkpoint (atomically) every checkpoint_interval and at the end of this call.
