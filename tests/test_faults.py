@@ -178,3 +178,47 @@ def test_two_ranks_killed_inside_the_sharded_checkpoint_write(reference_2ranks, 
     names = sorted(p.name for p in run.glob("checkpoint*"))
     assert names == [marker_path(ckpt).name, shard_path(ckpt, STEPS, 0).name, shard_path(ckpt, STEPS, 1).name]
     KILLS["survived"] += 3
+
+
+def spawn_ranks(out: Path, root: Path, *extra, fault: str | None = None, wait_s: float = 60) -> list:
+    """Two ranks started by hand (the environment torchrun would set), so the test can end a stopped rank at once
+    (torchrun waits 30 s before it SIGKILLs a rank that ignores SIGTERM). Returns [(exit status, stderr)]."""
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = {**_env(root, fault), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "switch_core.train", "--expert-parallel", *ARGS,
+                                       "--out", str(out), *map(str, extra)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        procs[0].wait(timeout=wait_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.wait(), p.communicate()[1]) for p in procs]
+
+
+def test_a_stopped_rank_ends_the_run_after_dist_timeout(tmp_path, shakespeare_root):
+    """Rank 1 SIGSTOPs itself after step 3; rank 0 gives up after --dist-timeout 5 s with one error line."""
+    import time
+
+    t0 = time.monotonic()
+    (code0, err0), _ = spawn_ranks(tmp_path / "run", shakespeare_root, "--dist-timeout", "5",
+                                   fault="after_log:3:1:stop", wait_s=90)
+    assert code0 == 1 and time.monotonic() - t0 < 60, err0[-2000:]
+    lines = [line for line in err0.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--dist-timeout 5 s" in lines[0], err0[-2000:]
+    assert read_marker(tmp_path / "run" / "checkpoint.pt")["step"] == 2  # the last committed set is kept
+
+
+def test_a_refusal_on_one_rank_does_not_leave_the_other_waiting(reference_2ranks, tmp_path, shakespeare_root):
+    """A damaged metrics.csv is read by rank 0 only: rank 1 must stop too, at once, not after the timeout."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_2ranks, run)
+    (run / "metrics.csv").write_text("")
+    (code0, err0), (code1, err1) = spawn_ranks(run, shakespeare_root, "--resume", "--dist-timeout", "120",
+                                               wait_s=60)
+    assert code0 == code1 == 2, err0[-2000:] + err1[-2000:]
+    assert err0.startswith("error: ") and "damaged" in err0
+    assert err1.startswith("error: [rank 1] another rank refused the run")
