@@ -57,16 +57,28 @@ def run_files(out: Path) -> list[Path]:
 
 
 def recover_replaced_run(out: Path) -> None:
-    """Finish an --overwrite that was interrupted: keep the new run if it committed a checkpoint (delete the old
-    one's files), else put the old run back (delete the new run's partial files)."""
+    """Finish an --overwrite that was interrupted, whatever step it was at (every step below is safe to be killed
+    in and redone):
+
+    - .replaced-run/ without its .moved mark: the move aside itself was cut short, so out holds only old files:
+      move the rest back;
+    - marked, and the new run committed a checkpoint: keep the new run (the old one is renamed to
+      .replaced-run.delete, then deleted);
+    - marked, no checkpoint: delete the new run's partial files, unmark, move the old run back."""
+    trash = out / (REPLACED_DIR + ".delete")
+    if trash.is_dir():
+        shutil.rmtree(trash)
     aside = out / REPLACED_DIR
     if not aside.is_dir():
         return
-    if has_checkpoint(out):
-        shutil.rmtree(aside)
-        return
-    for path in run_files(out):
-        path.unlink()
+    moved = aside / ".moved"
+    if moved.exists():
+        if has_checkpoint(out):
+            commit_replacement(out)
+            return
+        for path in run_files(out):
+            path.unlink()
+        moved.unlink()
     for path in sorted(aside.iterdir()):
         os.replace(path, out / path.name)
     aside.rmdir()
@@ -107,13 +119,20 @@ def start_out_dir(out: Path | None, overwrite: bool) -> bool:
     aside.mkdir()
     for path in old:
         os.replace(path, aside / path.name)
+        fault_point("inside_move_aside")
+    (aside / ".moved").touch()  # the move is complete (see `recover_replaced_run`)
     fault_point("after_move_aside")
     return True
 
 
 def commit_replacement(out: Path) -> None:
-    """The new run's first checkpoint is committed: the old run moved aside by --overwrite can go."""
-    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
+    """The new run's first checkpoint is committed: the old run moved aside by --overwrite can go (renamed first,
+    so a crash while deleting cannot leave a half-deleted old run to be put back over the new one)."""
+    trash = out / (REPLACED_DIR + ".delete")
+    if (out / REPLACED_DIR).is_dir():
+        os.replace(out / REPLACED_DIR, trash)
+    fault_point("before_delete_replaced")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> Path | None:

@@ -6,7 +6,7 @@ The kill points are hooks in the trainer (switch_core.checkpoint.fault_point): w
 checkpoint write by construction, not by luck. Steps are drawn at random from a seeded generator (the seed is
 printed). Single process: a chain of kills in one run directory (between logging and checkpointing, after the
 temporary checkpoint file is written but before it is renamed, right after the rename, in the CSV rewrite of a
-resume) and an --overwrite killed before and after its first checkpoint. Two gloo ranks under torchrun: one rank
+resume) and an --overwrite killed while moving the old run aside, before and after its first checkpoint. Two gloo ranks under torchrun: one rank
 killed after writing its shard (the other not yet committed), rank 0 killed after the commit marker, and before a
 shard's rename. `pytest -s` prints how many kills were injected and survived. Every launch has a timeout."""
 from __future__ import annotations
@@ -143,13 +143,18 @@ def test_overwrite_killed_before_or_after_its_first_checkpoint(reference, tmp_pa
     assert (run / REPLACED_DIR).is_dir() and not (run / "checkpoint.pt").exists()
     recover_replaced_run(run)  # what the next call does first
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
-    # Killed right after the new run's first checkpoint: the new run is kept and resumes to its own end.
-    launch(run, shakespeare_root, "--overwrite", "--steps", "6", fault="after_checkpoint:2")
+    # Killed in the middle of moving the old run aside (one file moved): put back as well.
+    launch(run, shakespeare_root, "--overwrite", fault="inside_move_aside")
+    recover_replaced_run(run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # Killed right after the new run's first checkpoint, before the old run is deleted: the new run is kept and
+    # resumes to its own end.
+    launch(run, shakespeare_root, "--overwrite", "--steps", "6", fault="before_delete_replaced")
     assert (run / "checkpoint.pt").exists()
     launch(run, shakespeare_root, "--resume", "--steps", "6")
     assert not (run / REPLACED_DIR).exists()
     assert [r["step"] for r in rows(run / "metrics.csv")] == [str(s) for s in range(7)]
-    KILLS["survived"] += 2
+    KILLS["survived"] += 3
 
 
 @pytest.fixture(scope="module")

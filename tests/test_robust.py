@@ -107,12 +107,36 @@ def test_an_interrupted_overwrite_is_finished_or_undone_on_the_next_call(old_run
     for p in list(old_run.iterdir()):
         if p.is_file():
             os.replace(p, aside / p.name)
+    (aside / ".moved").touch()
     (old_run / "metrics.csv").write_text("step\n")  # the new run's stub
     code, _ = run([*TINY, "--out", str(old_run), "--resume", "--steps", "6"], capsys)
     assert code == 0 and not aside.exists()
     after = list(csv.DictReader(open(old_run / "metrics.csv")))
     assert [r["step"] for r in after] == [str(s) for s in range(7)]
     assert after[:5] == list(csv.DictReader(before["metrics.csv"].decode().splitlines()))
+
+
+def test_a_move_aside_cut_short_is_undone_even_with_a_checkpoint_left_in_place(old_run):
+    from switch_core.checkpoint import recover_replaced_run
+
+    before = snapshot(old_run)
+    aside = old_run / REPLACED_DIR  # killed after moving two files, checkpoint.pt still in place, no .moved
+    aside.mkdir()
+    for name in ("metrics.csv", "config.json"):
+        os.replace(old_run / name, aside / name)
+    recover_replaced_run(old_run)
+    assert snapshot(old_run) == before and not aside.exists()
+
+
+def test_a_deletion_of_the_replaced_run_cut_short_is_finished(old_run):
+    from switch_core.checkpoint import recover_replaced_run
+
+    before = snapshot(old_run)
+    trash = old_run / (REPLACED_DIR + ".delete")  # killed while deleting the old run after the new one committed
+    trash.mkdir()
+    (trash / "metrics.csv").write_text("the old run's")
+    recover_replaced_run(old_run)
+    assert snapshot(old_run) == before and not trash.exists()
 
 
 # ------------------------------------------------------------------------- item 5: corrupt checkpoints
