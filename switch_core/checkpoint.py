@@ -193,7 +193,11 @@ def read_csv_rows(path: Path, upto_step: int, columns: list[str] | None = None,
 def replace_text(path: Path, text: str) -> None:
     """Write a small text file atomically (temporary file, then os.replace)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -259,7 +263,7 @@ def save_file(obj, path: Path, fault: str | None = None, step: int | None = None
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else "the write failed (is the disk full?)"
         try:
             if shutil.disk_usage(path.parent).free < (1 << 20):
                 reason = "no space left on the device"

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -645,7 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, OverflowError, MemoryError) as e:  # config, files, checkpoints, disk
         _error(e if not isinstance(e, MemoryError) else f"out of memory ({e}); lower --batch-size or --n-experts")
         return 2
-    except RuntimeError as e:  # NaN/inf guard, data checksum or download, a rank lost
+    except RuntimeError as e:  # NaN/inf guard, data checksum or download, a rank lost; or out of memory
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            need = re.search(r"allocate (\d+ bytes|[\d.]+ [GMK]iB)", str(e))
+            _error("out of memory" + (f" (an allocation of {need.group(1)} failed)" if need else "") +
+                   "; lower --batch-size, --n-experts, --d-model or --seq-len")
+            return 2
         timed_out = torch.distributed.is_available() and torch.distributed.is_initialized() and \
             "timed out" in str(e).lower()
         _error(f"another rank did not answer within --dist-timeout {args.dist_timeout:g} s ({e})" if timed_out

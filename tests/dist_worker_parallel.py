@@ -214,8 +214,8 @@ def check_checkpoint(rank, out_dir: Path) -> list[str]:
     model.load_state_dict(state["model"])
     errs = [] if state["step"] == 3 else ["step lost"]
     errs += [] if shard_path(path, 3, rank).exists() and marker_path(path).exists() else ["no per-rank file"]
-    dist.barrier()  # no rank has started the next case's writes yet
-    errs += [] if not list(out_dir.glob("*.tmp")) else ["temporary file left behind"]
+    dist.barrier()  # both ranks have loaded; only this case's files (the next case may be writing other.pt)
+    errs += [] if not list(out_dir.glob("checkpoint*.tmp")) else ["temporary file left behind"]
     for k, v in model.state_dict().items():
         errs += diff(k, v, saved[k], 0.0)
     return errs

@@ -324,6 +324,7 @@ def test_disk_full_checkpoint_is_one_error_and_leaves_no_tmp(old_run, capsys):
     code, err = run([*TINY, "--out", str(old_run), "--resume", "--steps", "6"], capsys)
     line = one_error_line(err)
     assert code == 2 and str(old_run / "checkpoint.pt") in line and "previous checkpoint" in line
+    assert "disk full" in line and "PytorchStreamWriter" not in line
     assert not os.path.lexists(old_run / "checkpoint.pt.tmp")
     assert (old_run / "checkpoint.pt").read_bytes() == before
 
@@ -348,3 +349,12 @@ def test_data_file_linked_to_dev_zero_does_not_hang(tmp_path, alarm):
 def test_nan_guard_still_exits_1(tmp_path, env_data, monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(NonFiniteLossError("nan")))
     assert run([*TINY, "--out", str(tmp_path / "x")], capsys)[0] == 1
+
+
+def test_out_of_memory_at_run_time_is_one_error_line(tmp_path, env_data, monkeypatch, capsys):
+    message = "[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: you tried to " \
+              "allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(message)))
+    code, err = run([*TINY, "--out", str(tmp_path / "x")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "out of memory" in line and "123456789 bytes" in line and "enforce" not in line
