@@ -609,7 +609,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["switch_every"] = 0
     saved_at = None
     if args.resume and args.out is not None:  # rank 0's file when expert-parallel (the same config on every rank)
-        recover_replaced_run(Path(args.out)) if _launch_rank() == 0 else None  # an interrupted --overwrite
+        if _launch_rank() == 0:  # finish an interrupted --overwrite before reading its checkpoint
+            recover_replaced_run(Path(args.out))
         single = Path(args.out) / "checkpoint.pt"
         saved_at = next((p for p in (single, parallel.committed_shard_path(single, 0)) if p and p.exists()), None)
     if saved_at is not None:
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
                        progress=not args.no_progress, dist_timeout=args.dist_timeout)
-        rank = _launch_rank()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     except (ValueError, TypeError, OSError, OverflowError, MemoryError) as e:  # config, files, checkpoints, disk
         _error(e if not isinstance(e, MemoryError) else f"out of memory ({e}); lower --batch-size or --n-experts")
         return 2
