@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from torch import Tensor
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 RELATIVE_PATH = Path("tinyshakespeare") / "input.txt"
+SIZE = 1_115_394  # bytes
+# The download: seconds to connect and between two reads, seconds for the whole file, attempts, first back-off.
+TIMEOUT_S, DEADLINE_S, ATTEMPTS, BACKOFF_S = 20.0, 300.0, 3, 2.0
 
 
 def default_root() -> Path:
@@ -29,12 +34,17 @@ def default_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "switch_core"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+def sha256_of(path: str | os.PathLike, limit: int | None = None) -> str:
+    """Hex sha256 of a file's bytes; with `limit`, of at most its first limit bytes (so a link to an endless
+    device such as /dev/zero cannot hang the check)."""
+    digest, left = hashlib.sha256(), limit
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
             digest.update(block)
+            left = None if left is None else left - len(block)
     return digest.hexdigest()
 
 
@@ -46,21 +56,45 @@ def _checksum_error(path: Path, actual: str) -> RuntimeError:
     )
 
 
+def _fetch(url: str, dst: str) -> None:
+    """Copy url to the file dst: TIMEOUT_S to connect and between reads, DEADLINE_S in all (a proxy or server
+    that accepts and never answers, or trickles, cannot hang the run). Honours http(s)_proxy."""
+    start = time.monotonic()
+    opener = urllib.request.build_opener()  # reads the proxy settings now, not when first imported
+    with opener.open(url, timeout=TIMEOUT_S) as response, open(dst, "wb") as f:
+        while block := response.read(1 << 16):
+            f.write(block)
+            if f.tell() > 2 * SIZE:
+                raise OSError(f"the server sent more than {2 * SIZE:,} bytes")
+            if time.monotonic() - start > DEADLINE_S:
+                raise TimeoutError(f"the download took longer than {DEADLINE_S:.0f} s")
+
+
 def _download(path: Path) -> None:
-    """Download URL to a temporary file beside `path`, verify it, then move it into place.
+    """Download URL to a temporary file beside `path`, verify it, then move it into place. ATTEMPTS tries with
+    a doubling back-off, each bounded in time (`_fetch`).
 
     NOTE: the rename (os.replace) is atomic, so `path` is either absent or verified;
-    a failed or corrupt download leaves nothing behind."""
+    a failed or corrupt download leaves nothing behind (nor do earlier interrupted ones)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(".input.txt.*.part"):  # left by a download that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".input.txt.", suffix=".part")
     os.close(fd)
     try:
-        # Looked up at call time so tests can stand a local file in for the network.
-        try:
-            torch.hub.download_url_to_file(URL, tmp, progress=False)
-        except Exception as e:
-            raise RuntimeError(f"could not download Tiny Shakespeare from {URL} ({e}). Check the network, or "
-                               f"place the file at {path} by hand (or set SWITCH_CORE_DATA).") from e
+        for attempt in range(ATTEMPTS):
+            try:
+                _fetch(URL, tmp)  # looked up at call time so tests can stand a local file in for the network
+                break
+            except Exception as e:  # noqa: BLE001 - URLError, timeouts, resets, HTTP errors
+                if attempt + 1 < ATTEMPTS:
+                    time.sleep(BACKOFF_S * 2 ** attempt)
+                    continue
+                raise RuntimeError(
+                    f"could not download Tiny Shakespeare from {URL} after {ATTEMPTS} attempts ({e}). Check the "
+                    f"network (and any https_proxy), or place the file by hand: download {URL} with a browser or "
+                    f"curl and save it as {path} (or set SWITCH_CORE_DATA to a directory holding "
+                    f"tinyshakespeare/input.txt).") from e
         actual = sha256_of(tmp)
         if actual != SHA256:
             raise RuntimeError(
@@ -87,10 +121,11 @@ def load_tiny_shakespeare(root: str | os.PathLike | None = None, download: bool 
                 f"or set SWITCH_CORE_DATA (or root=) to a directory holding tinyshakespeare/input.txt."
             )
         _download(path)
-    actual = sha256_of(path)
+    actual = sha256_of(path, limit=SIZE + 1)  # a longer file is wrong anyway
     if actual != SHA256:
         raise _checksum_error(path, actual)
-    return path.read_text(encoding="utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read(SIZE + 1)
 
 
 class CharTokenizer:

@@ -21,9 +21,9 @@ from torch import nn
 
 from switch_core import SwitchFeedForward
 from switch_core.parallel import (ExpertParallelSwitch, all_reduce_mean, clip_grad_norm_, expert_parameters,
-                                  gather_full_state_dict, load_sharded_checkpoint, rank_checkpoint_path,
+                                  gather_full_state_dict, load_sharded_checkpoint, marker_path,
                                   save_sharded_checkpoint, setup_distributed, shard_experts, shard_model_experts,
-                                  sync_gradients, teardown_distributed)
+                                  shard_path, sync_gradients, teardown_distributed)
 
 WORLD = 2
 D, F_ = 8, 16
@@ -213,8 +213,9 @@ def check_checkpoint(rank, out_dir: Path) -> list[str]:
     state = load_sharded_checkpoint(path)
     model.load_state_dict(state["model"])
     errs = [] if state["step"] == 3 else ["step lost"]
-    errs += [] if rank_checkpoint_path(path, rank).exists() else ["no per-rank file"]
-    errs += [] if not list(out_dir.glob("*.tmp")) else ["temporary file left behind"]
+    errs += [] if shard_path(path, 3, rank).exists() and marker_path(path).exists() else ["no per-rank file"]
+    dist.barrier()  # both ranks have loaded; only this case's files (the next case may be writing other.pt)
+    errs += [] if not list(out_dir.glob("checkpoint*.tmp")) else ["temporary file left behind"]
     for k, v in model.state_dict().items():
         errs += diff(k, v, saved[k], 0.0)
     return errs
@@ -224,7 +225,7 @@ def check_wrong_layout(rank, out_dir: Path) -> list[str]:
     path = out_dir / "other.pt"
     save_sharded_checkpoint(path, {"step": 1})
     if rank == 0:  # pretend rank 0's file came from a 4-rank run
-        f = rank_checkpoint_path(path, 0)
+        f = shard_path(path, 1, 0)
         torch.save({**torch.load(f, weights_only=True), "expert_parallel": {"rank": 0, "world_size": 4}}, f)
     dist.barrier()
     return expect_error(lambda: load_sharded_checkpoint(path), ValueError, ["world size"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from switch_core.parallel import gather_full_state_dict, rank_checkpoint_path, teardown_distributed
+from switch_core.parallel import gather_full_state_dict, marker_path, read_marker, shard_path, teardown_distributed
 from switch_core.train import make_config, train
 
 
@@ -38,8 +38,13 @@ def main(out: Path, data_root: str) -> int:
         a, b = gather_full_state_dict(full.model), gather_full_state_dict(part.model)
         if any(not torch.equal(a[k], b[k]) for k in a):
             problems.append("final weights differ")
-        if not rank_checkpoint_path(out / "part" / "checkpoint.pt", rank).exists():
-            problems.append("no per-rank checkpoint")
+        ckpt = out / "part" / "checkpoint.pt"
+        if not marker_path(ckpt).exists() or read_marker(ckpt) != {"step": 20, "world_size": 2} \
+                or not shard_path(ckpt, 20, rank).exists():
+            problems.append("no committed per-rank checkpoint of step 20")
+        if sorted(p.name for p in ckpt.parent.glob("checkpoint*")) != [
+                "checkpoint.shards.json", "checkpoint.step20.rank0.pt", "checkpoint.step20.rank1.pt"]:
+            problems.append(f"stale checkpoint files: {sorted(p.name for p in ckpt.parent.glob('checkpoint*'))}")
     except Exception:
         problems.append(traceback.format_exc())
         rank = rank if rank >= 0 else int(__import__("os").environ.get("RANK", 0))

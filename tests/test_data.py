@@ -21,11 +21,11 @@ def fake_download(monkeypatch, shakespeare_root):
     calls = []
 
     def install(source=shakespeare_root / "tinyshakespeare" / "input.txt"):
-        def download(url, dst, hash_prefix=None, progress=True):
+        def download(url, dst):
             calls.append((url, dst))
             shutil.copyfile(source, dst)
 
-        monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+        monkeypatch.setattr(data, "_fetch", download)
         return calls
 
     return install
@@ -69,11 +69,12 @@ def test_corrupt_download_raises_and_places_nothing(tmp_path, fake_download):
 
 
 def test_failed_download_leaves_no_temp_file(tmp_path, monkeypatch):
-    def broken(url, dst, hash_prefix=None, progress=True):
+    def broken(url, dst):
         open(dst, "w").write("partial")
         raise OSError("network down")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
+    monkeypatch.setattr(data, "_fetch", broken)
+    monkeypatch.setattr(data, "BACKOFF_S", 0.0)
     with pytest.raises(RuntimeError, match="could not download.*network down"):
         load_tiny_shakespeare(tmp_path)
     assert list((tmp_path / "tinyshakespeare").iterdir()) == []
