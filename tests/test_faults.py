@@ -197,6 +197,10 @@ def spawn_ranks(out: Path, root: Path, *extra, fault: str | None = None, wait_s:
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         procs[0].wait(timeout=wait_s)
+        for p in procs[1:]:  # the others get a few seconds to exit on their own (a stopped rank never does)
+            p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in procs:
             if p.poll() is None:
