@@ -13,10 +13,22 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
 - ``capacity``: capacity factor 0.5, 1.0, 1.25, 2.0 and dropless with 8 experts (Table 1).
 - ``balance``: the load-balancing coefficient α from 1e-1 to 1e-5, and 0 (no loss), with 8 experts (§2.2).
 - ``stability``: initialisation scale 0.1 vs 1.0 and a bfloat16 vs float32 router, 5 seeds (Tables 2 and 3).
+- ``distill``: Table 6's ladder in miniature: an 8-expert Switch teacher, its FLOP-matched dense baseline, and
+  dense students distilled from the teacher (soft targets alone; + the teacher's non-expert weights; + the
+  0.25/0.75 soft/hard mixture), and the "init only, no distillation" control (§4.2). A value ``run_of(label)``
+  is the run directory of another label with the same seed, and the sweep runs that label first.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+RUN_PREFIX = "run:"
+
+
+def run_of(label: str) -> str:
+    """A config value standing for the run directory of ``label`` with the same seed (e.g. a teacher's);
+    the sweep finishes that run before starting the ones that name it."""
+    return RUN_PREFIX + label
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,10 @@ _GPU = dict(n_layer=4, n_head=4, d_model=256, d_ff=512, seq_len=128, batch_size=
             checkpoint_interval=500)
 _SHORT_CPU = {**_CPU, "steps": 1500}
 _SHORT_GPU = {**_GPU, "steps": 1000}
+# Distillation: teacher and students alike, shorter (each student also runs the teacher forward) and lighter
+# evaluations, so that the 18 runs fit in about half an hour on a shared 2-core CPU.
+_DISTILL_CPU = {**_CPU, "steps": 1000, "eval_batches": 10}
+_DISTILL_GPU = {**_GPU, "steps": 1000}
 
 EXPERIMENTS: dict[str, Experiment] = {
     "experts": Experiment(
@@ -85,4 +101,17 @@ EXPERIMENTS: dict[str, Experiment] = {
         variants={"init-0.1": dict(init_scale=0.1), "init-1.0": dict(init_scale=1.0),
                   "router-bf16": dict(init_scale=0.1, router_dtype="bfloat16")},
         seeds=(1, 2, 3, 4, 5)),
+    "distill": Experiment(
+        "distill", "Distilling an 8-expert Switch teacher into its FLOP-matched dense twin (Table 6)",
+        cpu=_DISTILL_CPU, cuda=_DISTILL_GPU,
+        variants={
+            "teacher": dict(),
+            "dense": dict(switch_every=0),
+            "distill": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=1.0),
+            "distill+init": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=1.0,
+                                 init_from=run_of("teacher")),
+            "distill+init+mix": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
+                                     init_from=run_of("teacher")),
+            "init-only": dict(switch_every=0, init_from=run_of("teacher")),
+        }),
 }

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import parallel
+from . import distill, parallel
 from .checkpoint import RunLog, checkpoint_dict, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM, parameter_counts
@@ -85,6 +85,12 @@ class TrainConfig:
     sample_chars: int = 500
     data_root: str | None = None  # default: $SWITCH_CORE_DATA, else ~/.cache/switch_core
     expert_parallel: bool = False  # experts split over the ranks of a torchrun launch; batch_size is per rank
+    # Distillation and fine-tuning (paper §4; switch_core.distill). Off by default: runs without them unchanged.
+    distill_from: str | None = None  # teacher run dir: loss (1 - w)·CE(labels) + w·CE(teacher probabilities)
+    distill_weight: float = 0.25  # w, the teacher's share (§4.2)
+    distill_temperature: float = 1.0
+    init_from: str | None = None  # start from this run's weights, fresh optimizer (dense from Switch: non-expert)
+    init_ffn: str = "fresh"  # a dense model's FFNs when init_from is a Switch run: "fresh", "expert0", "mean"
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -109,6 +115,7 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
+        distill.check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,11 +192,19 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- loss, lr, eval
-def compute_loss(model: nn.Module, x_BT: Tensor, y_BT: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor, list]:
-    """(total loss, cross-entropy, per-layer SwitchStats). total = CE + Σ_layers (α·balance + c_z·z)."""
+def compute_loss(model: nn.Module, x_BT: Tensor, y_BT: Tensor, cfg: TrainConfig,
+                 teacher: nn.Module | None = None) -> tuple[Tensor, Tensor, list]:
+    """(total loss, cross-entropy, per-layer SwitchStats). total = CE + Σ_layers (α·balance + c_z·z).
+
+    With a teacher (distillation, §4.2) CE is replaced by `distill.distillation_loss` in the total; the
+    cross-entropy returned (and logged as train_loss) is still the one against the labels."""
     logits_BTV, stats = model(x_BT)
     ce = F.cross_entropy(logits_BTV.flatten(0, 1), y_BT.flatten())
     aux = sum(cfg.balance_coef * s.balance_loss + cfg.z_coef * s.z_loss for s in stats)
+    if teacher is not None:  # distillation: the teacher runs frozen, without gradient, on the same batch
+        loss, ce, _ = distill.distillation_loss(logits_BTV, distill.teacher_logits(teacher, x_BT), y_BT,
+                                                cfg.distill_weight, cfg.distill_temperature)
+        return loss + aux, ce, stats
     return ce + aux, ce, stats
 
 
@@ -275,6 +290,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     batch_gen: torch.Generator
     step: int = 0
+    teacher: SwitchLM | None = None  # distillation: frozen, eval mode, reloaded from cfg.distill_from on resume
 
 
 def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainState:
@@ -287,6 +303,13 @@ def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None) -> TrainS
     optimizer = make_optimizer(model, cfg)
     state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg)),
                        torch.Generator().manual_seed(cfg.seed + runtime.rank))  # each rank its own batches
+    # Fine-tuning / a distillation student: weights from a trained run (fresh optimizer); the teacher, frozen.
+    # NOTE: under fork_rng, so loading them never moves the RNG the run draws from (same init and dropout).
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        if cfg.init_from is not None and ckpt is None:
+            distill.init_from_run(model, cfg.init_from, cfg.init_ffn)
+        if cfg.distill_from is not None:
+            state.teacher = distill.load_teacher(cfg.distill_from, cfg.model, runtime.device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -305,7 +328,7 @@ def train_step(state: TrainState, model: nn.Module, x_BT: Tensor, y_BT: Tensor, 
     Returns (cross-entropy, per-layer SwitchStats, lr used). Raises NonFiniteLossError before touching the
     weights when the loss or the gradient norm is NaN/inf."""
     with runtime.autocast():
-        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
+        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg, teacher=state.teacher)
     if not torch.isfinite(runtime.mean(loss)):  # every rank decides alike (one stopping alone would hang the rest)
         raise NonFiniteLossError(f"loss is {runtime.mean(loss).item()} at step {state.step + 1}")
     state.optimizer.zero_grad(set_to_none=True)
@@ -482,7 +505,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if saved_at is not None:
         saved = TrainConfig(**load_checkpoint(saved_at)["config"])
         return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
+    source = overrides.get("distill_from") or overrides.get("init_from")
+    if source is not None:  # the model defaults to the teacher's dense twin / the fine-tuned run's model
+        model = distill.run_model_config(source)
+        model = distill.student_config(model) if overrides.get("distill_from") else model
+        cfg = make_config(args.preset or "cpu", **{k: v for k, v in overrides.items() if k in _TRAIN_KEYS})
+        return apply_overrides(replace(cfg, model=model), overrides)
     return make_config(args.preset or "cpu", **overrides)
+
+
+_TRAIN_KEYS = set(_field_names(TrainConfig))
 
 
 def main(argv: list[str] | None = None) -> int:
