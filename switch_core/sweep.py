@@ -73,8 +73,8 @@ def plan(exp: Experiment, device: str, runs_root: Path, seeds: int | None = None
         for label, overrides in exp.overrides(device).items():
             extra = {"steps": steps} if steps is not None else {}
             # run_of(label) values ("run:teacher"): that label's run directory for this seed, run first.
-            needs = tuple(v[len(RUN_PREFIX):] for v in overrides.values()
-                          if isinstance(v, str) and v.startswith(RUN_PREFIX))
+            needs = tuple(dict.fromkeys(v[len(RUN_PREFIX):] for v in overrides.values()
+                                        if isinstance(v, str) and v.startswith(RUN_PREFIX)))
             unknown = [n for n in needs if n not in exp.variants or n == label]
             if unknown:
                 raise ValueError(f"{exp.name}: {label} needs the run of {unknown[0]!r}, not another label")
@@ -264,7 +264,8 @@ def run_sweep(name: str, *, device: str = "cpu", runs_root: str | os.PathLike | 
     walls = {}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress, desc=f"sweep {name}",
                unit="run")
-    for stage in stages(todo, [r for r in runs if r not in todo]):  # one stage unless some runs need others (a distillation teacher)
+    # One stage, unless some runs need others (a distillation teacher): those come first.
+    for stage in stages(todo, [r for r in runs if r not in todo]):
         jobs_list = [(r, resume, threads) for r in stage]
         if jobs == 1 or len(stage) <= 1:
             for job in jobs_list:

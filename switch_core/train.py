@@ -328,7 +328,8 @@ def train_step(state: TrainState, model: nn.Module, x_BT: Tensor, y_BT: Tensor, 
     Returns (cross-entropy, per-layer SwitchStats, lr used). Raises NonFiniteLossError before touching the
     weights when the loss or the gradient norm is NaN/inf."""
     with runtime.autocast():
-        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg, teacher=state.teacher)
+        teacher = {} if state.teacher is None else {"teacher": state.teacher}  # distillation only
+        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg, **teacher)
     if not torch.isfinite(runtime.mean(loss)):  # every rank decides alike (one stopping alone would hang the rest)
         raise NonFiniteLossError(f"loss is {runtime.mean(loss).item()} at step {state.step + 1}")
     state.optimizer.zero_grad(set_to_none=True)
