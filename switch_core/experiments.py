@@ -15,7 +15,8 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
 - ``stability``: initialisation scale 0.1 vs 1.0 and a bfloat16 vs float32 router, 5 seeds (Tables 2 and 3).
 - ``distill``: Table 6's ladder in miniature: an 8-expert Switch teacher, its FLOP-matched dense baseline, and
   dense students distilled from the teacher (soft targets alone; + the teacher's non-expert weights; + the
-  0.25/0.75 soft/hard mixture), and the "init only, no distillation" control (§4.2). A value ``run_of(label)``
+  0.25/0.75 soft/hard mixture), the "init only, no distillation" control (§4.2), and the mixture with the
+  students' FFNs initialised from the mean of the experts or the first expert. A value ``run_of(label)``
   is the run directory of another label with the same seed, and the sweep runs that label first.
 """
 from __future__ import annotations
@@ -113,5 +114,9 @@ EXPERIMENTS: dict[str, Experiment] = {
             "distill+init+mix": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
                                      init_from=run_of("teacher")),
             "init-only": dict(switch_every=0, init_from=run_of("teacher")),
+            # The paper does not say how the student's FFNs start: the mixture recipe with the FFN of a Switch
+            # block initialised from the mean of its experts, or from its first expert, instead of fresh.
+            **{f"mix-ffn-{f}": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
+                                    init_from=run_of("teacher"), init_ffn=f) for f in ("mean", "expert0")},
         }),
 }
