@@ -18,6 +18,8 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
   0.25/0.75 soft/hard mixture), the "init only, no distillation" control (§4.2), and the mixture with the
   students' FFNs initialised from the mean of the experts or the first expert. A value ``run_of(label)``
   is the run directory of another label with the same seed, and the sweep runs that label first.
+- ``finetune``: pre-train without the largest speaker's speeches, fine-tune on them with dropout 0.1 and expert
+  dropout 0 or 0.4 (§4.1), and the same speaker trained from scratch.
 """
 from __future__ import annotations
 
@@ -74,6 +76,12 @@ _SHORT_GPU = {**_GPU, "steps": 1000}
 # evaluations, so that the 18 runs fit in about half an hour on a shared 2-core CPU.
 _DISTILL_CPU = {**_CPU, "steps": 1000, "eval_batches": 10}
 _DISTILL_GPU = {**_GPU, "steps": 1000}
+# Fine-tuning: pre-train without the largest speaker's speeches (the distill teacher's size and steps), then
+# fine-tune on that speaker alone (about 36k characters of training text): short, a lower constant lr.
+_FINETUNE_CPU = {**_CPU, "steps": 300, "warmup_steps": 20, "lr": 1e-3, "min_lr": 1e-3, "eval_interval": 25,
+                 "eval_batches": 10}
+_FINETUNE_GPU = {**_GPU, "steps": 300, "warmup_steps": 20, "lr": 5e-4, "min_lr": 5e-4, "eval_interval": 25}
+_PRETRAIN = dict(steps=1000, warmup_steps=100, lr=3e-3, min_lr=3e-3, eval_interval=100)
 
 EXPERIMENTS: dict[str, Experiment] = {
     "experts": Experiment(
@@ -118,5 +126,16 @@ EXPERIMENTS: dict[str, Experiment] = {
             # block initialised from the mean of its experts, or from its first expert, instead of fresh.
             **{f"mix-ffn-{f}": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
                                     init_from=run_of("teacher"), init_ffn=f) for f in ("mean", "expert0")},
+        }),
+    "finetune": Experiment(
+        "finetune", "Fine-tuning on a held-out speaker with expert dropout 0 vs 0.4 (§4.1, Table 4)",
+        cpu=_FINETUNE_CPU, cuda=_FINETUNE_GPU,
+        variants={
+            "pretrain": dict(_PRETRAIN, data_slice="without:#1"),
+            "ft-edrop-0": dict(data_slice="speaker:#1", init_from=run_of("pretrain"), dropout=0.1,
+                               expert_dropout=0.0),
+            "ft-edrop-0.4": dict(data_slice="speaker:#1", init_from=run_of("pretrain"), dropout=0.1,
+                                 expert_dropout=0.4),
+            "scratch": dict(data_slice="speaker:#1", dropout=0.1, expert_dropout=0.4),
         }),
 }

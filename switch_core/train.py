@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import distill, parallel
+from . import distill, finetune, parallel
 from .checkpoint import RunLog, checkpoint_dict, load_checkpoint, prepare_out_dir, save_checkpoint, set_rng_state
 from .data import CharData, get_batch, load_char_data
 from .model import ModelConfig, SwitchLM, parameter_counts
@@ -91,6 +91,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     init_from: str | None = None  # start from this run's weights, fresh optimizer (dense from Switch: non-expert)
     init_ffn: str = "fresh"  # a dense model's FFNs when init_from is a Switch run: "fresh", "expert0", "mean"
+    data_slice: str | None = None  # "speaker:NAME" / "without:NAME" ("#1": the largest speaker); switch_core.finetune
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -116,6 +117,8 @@ class TrainConfig:
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
         distill.check_config(self)
+        if self.data_slice is not None:
+            finetune.parse_slice(self.data_slice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,7 +386,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
         ckpt = parallel.load_sharded_checkpoint(out / "checkpoint.pt") if runtime.distributed \
             else load_checkpoint(out / "checkpoint.pt")
         check_resumable(cfg, TrainConfig(**ckpt["config"]))
-    data = data if data is not None else load_char_data(cfg.data_root)
+    if data is None:  # a slice of the text (fine-tuning on a held-out speaker), else all of it
+        data = finetune.load_slice_data(cfg.data_root, cfg.data_slice) if cfg.data_slice else \
+            load_char_data(cfg.data_root)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"vocab_size is {cfg.model.vocab_size} but the data has {data.tokenizer.vocab_size} symbols")
     state = build_state(cfg, runtime, ckpt)
