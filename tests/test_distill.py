@@ -159,3 +159,28 @@ def test_sweep_runs_the_teacher_first(monkeypatch, tmp_path, shakespeare_root):
     bad = experiments.Experiment("bad", "", cpu=base, cuda=base, variants={"a": dict(init_from=run_of("b"))})
     with pytest.raises(ValueError, match="needs the run of 'b'"):
         sweep.plan(bad, "cpu", tmp_path / "runs")
+
+
+def test_data_slice_keeps_one_speaker_or_all_others():
+    from switch_core import finetune
+
+    text = "A:\nhi\n\nB:\nhello there\n\nA:\nyo\n\nno speaker line"
+    assert finetune.speakers_by_size(text) == ["B", "A"]  # B: 14 characters, A: 2 x 5
+    assert finetune.slice_text(text, "speaker:#1") == ("B:\nhello there", "B")
+    assert finetune.slice_text(text, "without:B")[0] == "A:\nhi\n\nA:\nyo\n\nno speaker line"
+    assert finetune.slice_text(text, "speaker:A")[0] == "A:\nhi\n\nA:\nyo"
+    for bad in ("speaker", "everyone:A", "speaker:#0", "speaker:"):
+        with pytest.raises(ValueError, match="data_slice"):
+            make_config(None, data_slice=bad)
+    with pytest.raises(ValueError, match="no speeches by 'C'"):
+        finetune.slice_text(text, "speaker:C")
+
+
+def test_a_slice_shares_the_whole_texts_tokenizer(shakespeare_root):
+    from switch_core import finetune
+    from switch_core.data import load_char_data
+
+    whole = load_char_data(shakespeare_root, download=False)
+    one = finetune.load_slice_data(shakespeare_root, "speaker:#1")
+    assert one.tokenizer.chars == whole.tokenizer.chars
+    assert whole.tokenizer.decode(one.train[:11]) == "GLOUCESTER:"
