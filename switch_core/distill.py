@@ -79,6 +79,9 @@ def copy_weights(student: SwitchLM, teacher: SwitchLM, init_ffn: str = "fresh") 
             found = tuple(t_params[name].shape) if name in t_params else "missing"
             raise ValueError(f"cannot initialise {name} {tuple(p.shape)} from the teacher ({found}): the models "
                              f"must have the same sizes outside their FFNs")
+        if rest.startswith(("experts.", "router.")):  # a Switch FFN of the student: only a same-shape twin
+            raise ValueError(f"cannot initialise {name} {tuple(p.shape)} from the teacher: its Switch FFNs "
+                             f"differ (number of experts or sizes)")
         if init_ffn == "fresh":
             continue
         # Dense FeedForward weight w_in.weight [F, D] <- expert weight experts.w_in [E, D, F] (transposed).
@@ -115,7 +118,10 @@ def load_run_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu
         sharded = sorted(run.glob("checkpoint.rank*.pt"))
         hint = " (it holds an expert-parallel run: per-rank checkpoints)" if sharded else ""
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}{hint}")
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except Exception as e:  # noqa: BLE001 (truncated file, not a zip, pickle error, ...)
+        raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__})") from None
     try:
         cfg_dict = ckpt["config"]["model"]
         cfg = ModelConfig.from_dict(cfg_dict)
@@ -135,3 +141,52 @@ def load_run_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
     return model.to(device)
+
+
+def init_from_run(model: SwitchLM, run_dir: str | os.PathLike, init_ffn: str = "fresh") -> list[str]:
+    """Copy a trained run's weights into ``model`` (see `copy_weights`); returns the names copied.
+
+    The same architecture copies everything (fine-tuning, §4.1); a dense model from a Switch run copies the
+    non-expert weights and initialises its FFNs per ``init_ffn`` (a distillation student, §4.2)."""
+    return copy_weights(model, load_run_model(run_dir), init_ffn)
+
+
+def load_teacher(run_dir: str | os.PathLike, student_cfg: ModelConfig,
+                 device: torch.device | str = "cpu") -> SwitchLM:
+    """The teacher of a distillation run: a run's model, frozen (no gradients) and in eval mode.
+
+    ValueError when it cannot teach this student: another vocabulary, or a shorter context than seq_len."""
+    teacher = load_run_model(run_dir, device)
+    t, s = teacher.cfg, student_cfg
+    if t.vocab_size != s.vocab_size or t.seq_len < s.seq_len:
+        raise ValueError(f"the teacher in {run_dir} (vocab_size {t.vocab_size}, seq_len {t.seq_len}) cannot "
+                         f"teach a student with vocab_size {s.vocab_size}, seq_len {s.seq_len}")
+    return teacher.eval().requires_grad_(False)
+
+
+def run_model_config(run_dir: str | os.PathLike) -> ModelConfig:
+    """The model config of a run directory (checkpoint.pt's, checked as `load_run_model` does)."""
+    return load_run_model(run_dir).cfg
+
+
+def check_config(cfg) -> None:
+    """Validate TrainConfig's distillation fields (distill_from, distill_weight, distill_temperature,
+    init_from, init_ffn); ValueError naming the field."""
+    for name in ("distill_from", "init_from"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{name} must be a run directory (a path string) or None, got {value!r}")
+    w, t = cfg.distill_weight, cfg.distill_temperature
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+        raise ValueError(f"distill_weight must be a number in [0, 1], got {w!r}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ValueError(f"distill_temperature must be a finite number > 0, got {t!r}")
+    _check_init_ffn(cfg.init_ffn)
+    if cfg.distill_from is not None and cfg.expert_parallel:
+        raise ValueError("distill_from is not supported with expert_parallel")
+
+
+def teacher_logits(teacher: SwitchLM, x_BT: Tensor) -> Tensor:
+    """The teacher's logits [B, T, V] for a batch, without gradient (eval mode: no dropout, eval capacity)."""
+    with torch.no_grad():
+        return teacher(x_BT)[0]

@@ -15,10 +15,25 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
 - ``stability``: initialisation scale 0.1 vs 1.0 and a bfloat16 vs float32 router, 5 seeds (Tables 2 and 3).
 - ``stability-lr``: the same model at learning rates 3x and 10x higher with no warmup, looking for the regime
   where scale 1.0 becomes unstable (Table 3).
+- ``distill``: Table 6's ladder in miniature: an 8-expert Switch teacher, its FLOP-matched dense baseline, and
+  dense students distilled from the teacher (soft targets alone; + the teacher's non-expert weights; + the
+  0.25/0.75 soft/hard mixture), the "init only, no distillation" control (§4.2), and the mixture with the
+  students' FFNs initialised from the mean of the experts or the first expert. A value ``run_of(label)``
+  is the run directory of another label with the same seed, and the sweep runs that label first.
+- ``finetune``: pre-train without the largest speaker's speeches, fine-tune on them with dropout 0.1 and expert
+  dropout 0 or 0.4 (§4.1), and the same speaker trained from scratch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+RUN_PREFIX = "run:"
+
+
+def run_of(label: str) -> str:
+    """A config value standing for the run directory of ``label`` with the same seed (e.g. a teacher's);
+    the sweep finishes that run before starting the ones that name it."""
+    return RUN_PREFIX + label
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,16 @@ _GPU = dict(n_layer=4, n_head=4, d_model=256, d_ff=512, seq_len=128, batch_size=
             checkpoint_interval=500)
 _SHORT_CPU = {**_CPU, "steps": 1500}
 _SHORT_GPU = {**_GPU, "steps": 1000}
+# Distillation: teacher and students alike, shorter (each student also runs the teacher forward) and lighter
+# evaluations, so that the 18 runs fit in about half an hour on a shared 2-core CPU.
+_DISTILL_CPU = {**_CPU, "steps": 1000, "eval_batches": 10}
+_DISTILL_GPU = {**_GPU, "steps": 1000}
+# Fine-tuning: pre-train without the largest speaker's speeches (the distill teacher's size and steps), then
+# fine-tune on that speaker alone (about 36k characters of training text): short, a lower constant lr.
+_FINETUNE_CPU = {**_CPU, "steps": 300, "warmup_steps": 20, "lr": 1e-3, "min_lr": 1e-3, "eval_interval": 25,
+                 "eval_batches": 10}
+_FINETUNE_GPU = {**_GPU, "steps": 300, "warmup_steps": 20, "lr": 5e-4, "min_lr": 5e-4, "eval_interval": 25}
+_PRETRAIN = dict(steps=1000, warmup_steps=100, lr=3e-3, min_lr=3e-3, eval_interval=100)
 
 EXPERIMENTS: dict[str, Experiment] = {
     "experts": Experiment(
@@ -96,4 +121,32 @@ EXPERIMENTS: dict[str, Experiment] = {
         variants={f"init-{s}-lr-{lr:g}": dict(init_scale=s, lr=lr, min_lr=lr)
                   for lr in (0.03, 0.1) for s in (0.1, 1.0)},
         seeds=(1, 2, 3)),
+    "distill": Experiment(
+        "distill", "Distilling an 8-expert Switch teacher into its FLOP-matched dense twin (Table 6)",
+        cpu=_DISTILL_CPU, cuda=_DISTILL_GPU,
+        variants={
+            "teacher": dict(),
+            "dense": dict(switch_every=0),
+            "distill": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=1.0),
+            "distill+init": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=1.0,
+                                 init_from=run_of("teacher")),
+            "distill+init+mix": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
+                                     init_from=run_of("teacher")),
+            "init-only": dict(switch_every=0, init_from=run_of("teacher")),
+            # The paper does not say how the student's FFNs start: the mixture recipe with the FFN of a Switch
+            # block initialised from the mean of its experts, or from its first expert, instead of fresh.
+            **{f"mix-ffn-{f}": dict(switch_every=0, distill_from=run_of("teacher"), distill_weight=0.25,
+                                    init_from=run_of("teacher"), init_ffn=f) for f in ("mean", "expert0")},
+        }),
+    "finetune": Experiment(
+        "finetune", "Fine-tuning on a held-out speaker with expert dropout 0 vs 0.4 (§4.1, Table 4)",
+        cpu=_FINETUNE_CPU, cuda=_FINETUNE_GPU,
+        variants={
+            "pretrain": dict(_PRETRAIN, data_slice="without:#1"),
+            "ft-edrop-0": dict(data_slice="speaker:#1", init_from=run_of("pretrain"), dropout=0.1,
+                               expert_dropout=0.0),
+            "ft-edrop-0.4": dict(data_slice="speaker:#1", init_from=run_of("pretrain"), dropout=0.1,
+                                 expert_dropout=0.4),
+            "scratch": dict(data_slice="speaker:#1", dropout=0.1, expert_dropout=0.4),
+        }),
 }

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .experiments import EXPERIMENTS, Experiment
+from .experiments import EXPERIMENTS, RUN_PREFIX, Experiment
 from .train import NonFiniteLossError, TrainConfig, make_config, train
 
 METRICS = ["train_loss", "val_loss", "balance_loss", "z_loss", "dropped_fraction", "tokens_per_s", "lr"]
@@ -54,6 +54,7 @@ class Run:
     seed: int
     cfg: TrainConfig
     out_dir: Path
+    needs: tuple = ()  # labels whose run (same seed) must finish first: a teacher, a run to start from
 
     @property
     def name(self) -> str:
@@ -71,9 +72,32 @@ def plan(exp: Experiment, device: str, runs_root: Path, seeds: int | None = None
     for seed in chosen:
         for label, overrides in exp.overrides(device).items():
             extra = {"steps": steps} if steps is not None else {}
+            # run_of(label) values ("run:teacher"): that label's run directory for this seed, run first.
+            needs = tuple(dict.fromkeys(v[len(RUN_PREFIX):] for v in overrides.values()
+                                        if isinstance(v, str) and v.startswith(RUN_PREFIX)))
+            unknown = [n for n in needs if n not in exp.variants or n == label]
+            if unknown:
+                raise ValueError(f"{exp.name}: {label} needs the run of {unknown[0]!r}, not another label")
+            overrides = {k: str(runs_root / f"{v[len(RUN_PREFIX):]}-s{seed}")
+                         if isinstance(v, str) and v.startswith(RUN_PREFIX) else v for k, v in overrides.items()}
             cfg = make_config(None, **{**base, **overrides, **extra, "seed": seed, "sample_chars": 0,
                                        "device": device})
-            out.append(Run(label, seed, cfg, runs_root / f"{label}-s{seed}"))
+            out.append(Run(label, seed, cfg, runs_root / f"{label}-s{seed}", needs))
+    return out
+
+
+def stages(runs: list[Run], finished: list[Run] = ()) -> list[list[Run]]:
+    """The runs in stages: each after the runs it needs (same seed; a teacher first), unless already finished.
+
+    ValueError when runs need each other in a cycle."""
+    out, placed, left = [], {(r.label, r.seed) for r in finished}, list(runs)
+    while left:
+        ready = [r for r in left if all((n, r.seed) in placed for n in r.needs)]
+        if not ready:
+            raise ValueError(f"runs need each other in a cycle: {', '.join(sorted({r.label for r in left}))}")
+        out.append(ready)
+        placed |= {(r.label, r.seed) for r in ready}
+        left = [r for r in left if r not in ready]
     return out
 
 
@@ -240,18 +264,20 @@ def run_sweep(name: str, *, device: str = "cpu", runs_root: str | os.PathLike | 
     walls = {}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress, desc=f"sweep {name}",
                unit="run")
-    jobs_list = [(r, resume, threads) for r in todo]
-    if jobs == 1 or len(todo) <= 1:
-        for job in jobs_list:
-            n, w = _run_one(job)
-            walls[n] = w
-            bar.update()
-    else:
-        # NOTE: spawn, not fork: a forked child would inherit this process's torch thread pools and RNG state.
-        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
-            for n, w in pool.imap_unordered(_run_one, jobs_list):
+    # One stage, unless some runs need others (a distillation teacher): those come first.
+    for stage in stages(todo, [r for r in runs if r not in todo]):
+        jobs_list = [(r, resume, threads) for r in stage]
+        if jobs == 1 or len(stage) <= 1:
+            for job in jobs_list:
+                n, w = _run_one(job)
                 walls[n] = w
                 bar.update()
+        else:
+            # NOTE: spawn, not fork: a forked child would inherit this process's torch thread pools and RNG state.
+            with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+                for n, w in pool.imap_unordered(_run_one, jobs_list):
+                    walls[n] = w
+                    bar.update()
     bar.close()
     collect(exp, runs, results_dir)
     provenance = dict(

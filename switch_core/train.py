@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import parallel
+from . import distill, finetune, parallel
 from .checkpoint import (CheckpointError, RunLog, check_out_dir, checkpoint_dict, commit_replacement, fault_point,
                          load_checkpoint, read_run_rows, recover_replaced_run, replace_text, save_checkpoint,
                          set_rng_state, start_out_dir)
@@ -94,6 +94,13 @@ class TrainConfig:
     sample_chars: int = 500
     data_root: str | None = None  # default: $SWITCH_CORE_DATA, else ~/.cache/switch_core
     expert_parallel: bool = False  # experts split over the ranks of a torchrun launch; batch_size is per rank
+    # Distillation and fine-tuning (paper §4; switch_core.distill). Off by default: runs without them unchanged.
+    distill_from: str | None = None  # teacher run dir: loss (1 - w)·CE(labels) + w·CE(teacher probabilities)
+    distill_weight: float = 0.25  # w, the teacher's share (§4.2)
+    distill_temperature: float = 1.0
+    init_from: str | None = None  # start from this run's weights, fresh optimizer (dense from Switch: non-expert)
+    init_ffn: str = "fresh"  # a dense model's FFNs when init_from is a Switch run: "fresh", "expert0", "mean"
+    data_slice: str | None = None  # "speaker:NAME" / "without:NAME" ("#1": the largest speaker); switch_core.finetune
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -122,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
+        distill.check_config(self)
+        if self.data_slice is not None:
+            finetune.parse_slice(self.data_slice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,11 +257,19 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- loss, lr, eval
-def compute_loss(model: nn.Module, x_BT: Tensor, y_BT: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor, list]:
-    """(total loss, cross-entropy, per-layer SwitchStats). total = CE + Σ_layers (α·balance + c_z·z)."""
+def compute_loss(model: nn.Module, x_BT: Tensor, y_BT: Tensor, cfg: TrainConfig,
+                 teacher: nn.Module | None = None) -> tuple[Tensor, Tensor, list]:
+    """(total loss, cross-entropy, per-layer SwitchStats). total = CE + Σ_layers (α·balance + c_z·z).
+
+    With a teacher (distillation, §4.2) CE is replaced by `distill.distillation_loss` in the total; the
+    cross-entropy returned (and logged as train_loss) is still the one against the labels."""
     logits_BTV, stats = model(x_BT)
     ce = F.cross_entropy(logits_BTV.flatten(0, 1), y_BT.flatten())
     aux = sum(cfg.balance_coef * s.balance_loss + cfg.z_coef * s.z_loss for s in stats)
+    if teacher is not None:  # distillation: the teacher runs frozen, without gradient, on the same batch
+        loss, ce, _ = distill.distillation_loss(logits_BTV, distill.teacher_logits(teacher, x_BT), y_BT,
+                                                cfg.distill_weight, cfg.distill_temperature)
+        return loss + aux, ce, stats
     return ce + aux, ce, stats
 
 
@@ -367,6 +385,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     batch_gen: torch.Generator
     step: int = 0
+    teacher: SwitchLM | None = None  # distillation: frozen, eval mode, reloaded from cfg.distill_from on resume
 
 
 def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None, ckpt_path=None) -> TrainState:
@@ -380,6 +399,13 @@ def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None, ckpt_path
     optimizer = make_optimizer(model, cfg)
     state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg)),
                        torch.Generator().manual_seed(cfg.seed + runtime.rank))  # each rank its own batches
+    # Fine-tuning / a distillation student: weights from a trained run (fresh optimizer); the teacher, frozen.
+    # NOTE: under fork_rng, so loading them never moves the RNG the run draws from (same init and dropout).
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        if cfg.init_from is not None and ckpt is None:
+            distill.init_from_run(model, cfg.init_from, cfg.init_ffn)
+        if cfg.distill_from is not None:
+            state.teacher = distill.load_teacher(cfg.distill_from, cfg.model, runtime.device)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -403,7 +429,8 @@ def train_step(state: TrainState, model: nn.Module, x_BT: Tensor, y_BT: Tensor, 
     Returns (cross-entropy, per-layer SwitchStats, lr used). Raises NonFiniteLossError before touching the
     weights when the loss or the gradient norm is NaN/inf."""
     with runtime.autocast():
-        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
+        teacher = {} if state.teacher is None else {"teacher": state.teacher}  # distillation only
+        loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg, **teacher)
     if not torch.isfinite(runtime.mean(loss)):  # every rank decides alike (one stopping alone would hang the rest)
         raise NonFiniteLossError(f"loss is {runtime.mean(loss).item()} at step {state.step + 1}")
     state.optimizer.zero_grad(set_to_none=True)
@@ -468,7 +495,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
         check_run_config(out, saved, ckpt_path)
         check_resumable(cfg, saved)
     try:  # checks without collectives; the ranks then agree, so one refusing cannot leave the others waiting
-        data = data if data is not None else load_char_data(cfg.data_root)
+        if data is None:  # a slice of the text (fine-tuning on a held-out speaker), else all of it
+            data = finetune.load_slice_data(cfg.data_root, cfg.data_slice) if cfg.data_slice else \
+                load_char_data(cfg.data_root)
         if data.tokenizer.vocab_size != cfg.model.vocab_size:
             raise ValueError(f"vocab_size is {cfg.model.vocab_size} but the data has "
                              f"{data.tokenizer.vocab_size} symbols")
@@ -616,7 +645,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if saved_at is not None:
         saved = saved_config(load_checkpoint(saved_at), saved_at)
         return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
+    source = overrides.get("distill_from") or overrides.get("init_from")
+    if source is not None:  # the model defaults to the teacher's dense twin / the fine-tuned run's model
+        model = distill.run_model_config(source)
+        model = distill.student_config(model) if overrides.get("distill_from") else model
+        cfg = make_config(args.preset or "cpu", **{k: v for k, v in overrides.items() if k in _TRAIN_KEYS})
+        return apply_overrides(replace(cfg, model=model), overrides)
     return make_config(args.preset or "cpu", **overrides)
+
+
+_TRAIN_KEYS = set(_field_names(TrainConfig))
 
 
 def _launch_rank() -> int:
