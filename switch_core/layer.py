@@ -210,14 +210,18 @@ class SwitchFeedForward(nn.Module):
         """The backend "auto" picks for x: "grouped" on the CPU (sorted rows, expert by expert) and wherever this
         torch build has grouped_mm for x's device and compute dtype at these sizes (16-byte aligned); otherwise
         "padded" (static shapes, no sync), except when dropless: a padded buffer would then hold T rows per
-        expert, so the grouped layout with per-expert matmuls is used instead."""
+        expert, so the grouped layout with per-expert matmuls is used instead. Under torch.compile on the CPU,
+        "padded" whenever there is a capacity: its static shapes trace into one graph, where the CPU grouped path
+        reads its segment sizes on the host (a graph break)."""
         if self.backend != "auto":
             return self.backend
+        dropless = (self.capacity_factor if self.training else self.eval_capacity_factor) is None
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and not dropless:
+            return "padded"
         dt = compute_dtype(x)
         if x.device.type == "cpu" or (grouped_mm_supported(x.device.type, dt)
                                       and grouped_mm_aligned(dt, self.d_model, self.d_ff)):
             return "grouped"
-        dropless = (self.capacity_factor if self.training else self.eval_capacity_factor) is None
         return "grouped" if dropless else "padded"
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, SwitchStats]:

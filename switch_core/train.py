@@ -94,6 +94,7 @@ class TrainConfig:
     sample_chars: int = 500
     data_root: str | None = None  # default: $SWITCH_CORE_DATA, else ~/.cache/switch_core
     expert_parallel: bool = False  # experts split over the ranks of a torchrun launch; batch_size is per rank
+    compile: bool = False  # torch.compile the model's training and evaluation forward ("auto" layers: padded)
     # Distillation and fine-tuning (paper §4; switch_core.distill). Off by default: runs without them unchanged.
     distill_from: str | None = None  # teacher run dir: loss (1 - w)·CE(labels) + w·CE(teacher probabilities)
     distill_weight: float = 0.25  # w, the teacher's share (§4.2)
@@ -129,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.expert_parallel:
+            raise ValueError("compile is not supported with expert_parallel (the all-to-all is not traced)")
         distill.check_config(self)
         if self.data_slice is not None:
             finetune.parse_slice(self.data_slice)
@@ -517,6 +522,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     runtime.barrier()
     state = build_state(cfg, runtime, ckpt, ckpt_path)
     model = wrap_model(state.model, runtime)
+    if cfg.compile:  # checkpoints keep saving state.model, so their keys do not change
+        model = torch.compile(model)
     ckpt_dir, out = out, (out if runtime.is_main else None)  # only rank 0 logs; every rank saves its shard
     if out is not None:
         replace_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -230,3 +230,23 @@ def test_on_batch_sees_every_training_batch_and_runs_with_one_seed_see_the_same(
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen["dense"], seen["switch"]))
     with pytest.raises(TypeError, match="on_batch"):
         train(make_config("tiny", steps=1), data=data, progress=False, on_batch=3)
+
+
+def test_compiled_run_trains_like_eager_and_saves_the_same_checkpoint_keys(tmp_path, char_data):
+    """compile=True: the forward runs through torch.compile ("auto" layers trace the padded backend on the CPU);
+    the losses agree with eager mode to float tolerance and the checkpoint holds the plain model's keys."""
+    from torch._dynamo.utils import counters
+
+    eager = train(small(steps=4), tmp_path / "eager", progress=False, data=char_data)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(small(steps=4, compile=True), tmp_path / "compiled", progress=False, data=char_data)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward was traced
+    for a, b in zip(eager.metrics, compiled.metrics):
+        for key in ("train_loss", "val_loss"):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a["step"])
+    keys = lambda run: set(load_checkpoint(tmp_path / run / "checkpoint.pt")["model"])  # noqa: E731
+    assert keys("compiled") == keys("eager") and not any("_orig_mod" in k for k in keys("compiled"))
+    with pytest.raises(ValueError, match="compile"):
+        small(compile=True, expert_parallel=True)
