@@ -412,6 +412,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, state: dict, group=None) ->
     1. each rank writes ``shard_path(path, step, rank)`` atomically (temporary file, then os.replace); barrier;
     2. rank 0 writes the commit marker ``marker_path(path)`` ({"step", "world_size"}) atomically; barrier;
     3. each rank deletes its other shards (the previous set, or a newer one a crash left uncommitted).
+
     A crash anywhere leaves the previous marker and its complete set of shards, so a resume always finds one
     consistent step. The layout (rank, world size) is stored in each shard."""
     from .checkpoint import fault_point, save_file
