@@ -13,6 +13,7 @@ process kills itself (SIGKILL) when it reaches that point, so tests can interrup
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import shutil
@@ -190,14 +191,18 @@ def read_csv_rows(path: Path, upto_step: int, columns: list[str] | None = None,
     return rows
 
 
-def replace_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary file, then os.replace)."""
+def replace_text(path: Path, text: str, fault: str | None = None) -> None:
+    """Write a text file atomically (temporary file, then os.replace): a crash keeps the old file whole.
+    fault: a `fault_point` between the write and the rename."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fault:
+        fault_point(fault)
     os.replace(tmp, path)
 
 
@@ -207,17 +212,11 @@ class CsvLog:
     def __init__(self, path: Path | None, columns: list[str], rows: list[dict]):
         self.columns, self.file, self.writer = columns, None, None
         if path is not None:  # rewrite what we keep (drops rows logged after the checkpoint we resume from)
-            tmp = path.with_name(path.name + ".tmp")  # atomically: a crash here keeps the old file whole
-            try:
-                with open(tmp, "w", newline="") as f:
-                    writer = csv.DictWriter(f, columns)
-                    writer.writeheader()
-                    writer.writerows([{k: ("" if r[k] is None else r[k]) for k in columns} for r in rows])
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            fault_point("before_csv_replace")
-            os.replace(tmp, path)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, columns)
+            writer.writeheader()
+            writer.writerows([{k: ("" if r[k] is None else r[k]) for k in columns} for r in rows])
+            replace_text(path, text.getvalue(), fault="before_csv_replace")
             self.file = open(path, "a", newline="")
             self.writer = csv.DictWriter(self.file, columns)
 

@@ -407,10 +407,12 @@ def build_state(cfg: TrainConfig, runtime: Runtime, ckpt: dict | None, ckpt_path
     # Fine-tuning / a distillation student: weights from a trained run (fresh optimizer); the teacher, frozen.
     # NOTE: under fork_rng, so loading them never moves the RNG the run draws from (same init and dropout).
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
-        if cfg.init_from is not None and ckpt is None:
-            distill.init_from_run(model, cfg.init_from, cfg.init_ffn)
         if cfg.distill_from is not None:
             state.teacher = distill.load_teacher(cfg.distill_from, cfg.model, runtime.device)
+        if cfg.init_from is not None and ckpt is None:  # the paper's recipe starts from the teacher: load it once
+            same = state.teacher is not None and Path(cfg.init_from).resolve() == Path(cfg.distill_from).resolve()
+            source = state.teacher if same else distill.load_run_model(cfg.init_from)
+            distill.copy_weights(model, source, cfg.init_ffn)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
