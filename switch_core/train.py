@@ -23,16 +23,13 @@ NOTE: expert parallelism (`expert_parallel`, under torchrun) plugs in at `setup_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,221 +41,15 @@ from . import distill, finetune, parallel
 from .checkpoint import (CheckpointError, RunLog, check_out_dir, checkpoint_dict, commit_replacement, fault_point,
                          load_checkpoint, read_run_rows, recover_replaced_run, replace_text, save_checkpoint,
                          set_rng_state, start_out_dir)
+from .config import (MAX_SEED, PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, check_resumable,
+                     make_config, saved_config)
 from .data import CharData, get_batch, load_char_data
-from .model import ModelConfig, SwitchLM, parameter_counts
+from .model import SwitchLM
+from .runtime import Runtime, check_memory, memory_estimate, setup_runtime, wrap_model
 
-# Fields a resumed run may change; any other difference from the checkpoint's config is refused. (A new `steps`
-# re-times the cosine schedule from the resumed step on, so the run is no longer identical to an uninterrupted one.)
-RESUMABLE_FIELDS = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "sample_chars",
-                    "data_root")
-MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + 1 and seed + rank must fit too
-# Upper bounds that keep a typo from running for ever (each sampled character and each eval batch is a forward).
-MAX_SAMPLE_CHARS, MAX_EVAL_BATCHES = 1_000_000, 100_000
-
-# Presets are plain config overrides (ModelConfig and TrainConfig field names, flat).
-PRESETS: dict[str, dict] = {
-    # CI: a few seconds.
-    "tiny": dict(n_layer=2, n_head=2, d_model=32, d_ff=64, seq_len=32, n_experts=4, batch_size=8, steps=20,
-                 warmup_steps=5, eval_interval=10, eval_batches=2, sample_chars=64),
-    # The training chapter's live run: about 1.5 minutes per run (dense or Switch) on a 2-core CPU.
-    "cpu": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, seq_len=128, n_experts=8, batch_size=32, steps=400,
-                warmup_steps=40, lr=2e-3, min_lr=2e-4, eval_interval=100, eval_batches=10),
-    # Full size for one H200 in bf16: minutes.
-    "gpu": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, seq_len=256, n_experts=16, dropout=0.2,
-                batch_size=64, steps=5000, warmup_steps=200, lr=6e-4, min_lr=6e-5, eval_interval=250,
-                eval_batches=20, checkpoint_interval=1000),
-}
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping; `model` holds the architecture. Bad values raise ValueError naming the field."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 400  # optimizer updates
-    batch_size: int = 32
-    lr: float = 2e-3  # peak learning rate, after linear warmup
-    min_lr: float = 2e-4  # end of the cosine decay
-    warmup_steps: int = 40
-    weight_decay: float = 0.1  # on matrices and embeddings, not on norms and biases
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    balance_coef: float = 0.01  # alpha, paper §2.2
-    z_coef: float = 0.001  # c_z, ST-MoE
-    eval_interval: int = 100
-    eval_batches: int = 10
-    checkpoint_interval: int = 100  # also at the end of every call
-    seed: int = 1337
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    sample_chars: int = 500
-    data_root: str | None = None  # default: $SWITCH_CORE_DATA, else ~/.cache/switch_core
-    expert_parallel: bool = False  # experts split over the ranks of a torchrun launch; batch_size is per rank
-    compile: bool = False  # torch.compile the model's training and evaluation forward ("auto" layers: padded)
-    # Distillation and fine-tuning (paper §4; switch_core.distill). Off by default: runs without them unchanged.
-    distill_from: str | None = None  # teacher run dir: loss (1 - w)·CE(labels) + w·CE(teacher probabilities)
-    distill_weight: float = 0.25  # w, the teacher's share (§4.2)
-    distill_temperature: float = 1.0
-    init_from: str | None = None  # start from this run's weights, fresh optimizer (dense from Switch: non-expert)
-    init_ffn: str = "fresh"  # a dense model's FFNs when init_from is a Switch run: "fresh", "expert0", "mean"
-    data_slice: str | None = None  # "speaker:NAME" / "without:NAME" ("#1": the largest speaker); switch_core.finetune
-
-    def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_interval", 1),
-                              ("eval_batches", 1), ("checkpoint_interval", 1), ("seed", 0), ("sample_chars", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        for name, maximum in (("seed", MAX_SEED), ("sample_chars", MAX_SAMPLE_CHARS),
-                              ("eval_batches", MAX_EVAL_BATCHES)):
-            if getattr(self, name) > maximum:
-                raise ValueError(f"{name} must be <= {maximum:_}, got {getattr(self, name):_}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "balance_coef", "z_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0 or self.min_lr > self.lr:
-            raise ValueError(f"lr must be > 0 and min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda", "mps")
-                                                    or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
-        if self.data_root is not None and not isinstance(self.data_root, str):
-            raise ValueError(f"data_root must be a path string or None, got {self.data_root!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.expert_parallel:
-            raise ValueError("compile is not supported with expert_parallel (the all-to-all is not traced)")
-        distill.check_config(self)
-        if self.data_slice is not None:
-            finetune.parse_slice(self.data_slice)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls) if f.name != "model"]
-
-
-def make_config(preset: str | None = None, **overrides) -> TrainConfig:
-    """TrainConfig from defaults, then PRESETS[preset], then `overrides` (flat ModelConfig/TrainConfig names)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-    return apply_overrides(TrainConfig(), {**(PRESETS[preset] if preset else {}), **overrides})
-
-
-def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
-    """A copy of cfg with flat field overrides routed to the model or the training config (validated)."""
-    model_keys, train_keys = set(_field_names(ModelConfig)), set(_field_names(TrainConfig))
-    unknown = sorted(set(overrides) - model_keys - train_keys)
-    if unknown:
-        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
-    model = replace(cfg.model, **{k: v for k, v in overrides.items() if k in model_keys})
-    return replace(cfg, model=model, **{k: v for k, v in overrides.items() if k in train_keys})
-
-
-# ---------------------------------------------------------------------------------------------- runtime hooks
-@dataclass
-class Runtime:
-    """Where this process runs: its device, rank and world size (rank 0 of 1 unless expert-parallel under torchrun)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def mean(self, value: Tensor) -> Tensor:
-        """The mean of a tensor over the ranks (itself on one process)."""
-        return parallel.all_reduce_mean(value) if self.distributed else value
-
-    def barrier(self) -> None:
-        if self.distributed:
-            parallel.barrier()
-
-    def agree(self, ok: bool) -> bool:
-        """Whether every rank says ok (a collective: every rank must call it)."""
-        if not self.distributed:
-            return ok
-        return bool(parallel.all_reduce_mean(torch.tensor(float(ok), device=self.device)).item() == 1.0)
-
-    def autocast(self):
-        """bf16 autocast on CUDA (the Switch router keeps itself in float32); full float32 elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-
-def setup_runtime(cfg: TrainConfig, dist_timeout: float = 600.0) -> Runtime:
-    """Pick the device; with cfg.expert_parallel, join the process group torchrun describes (one process per rank).
-    dist_timeout: seconds the process group's init and collectives wait for a missing rank."""
-    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or \
-            not 0 < dist_timeout < math.inf:
-        raise ValueError(f"dist_timeout must be a finite number of seconds > 0, got {dist_timeout!r}")
-    name = cfg.device
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but MPS is not available")
-    if cfg.expert_parallel:  # one process per rank, started by torchrun
-        return Runtime(*parallel.setup_distributed(cfg.device, timeout_s=dist_timeout))
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return Runtime(torch.device(name))
-
-
-def memory_estimate(cfg: TrainConfig, world_size: int = 1) -> dict[str, int]:
-    """A lower bound on the bytes one rank needs to train cfg in float32: weights, gradients and AdamW's two
-    moments (experts split over the ranks), and the activations autograd keeps for one batch (a rough count:
-    it refuses only runs that cannot fit, and says how far off they are)."""
-    m, B = cfg.model, cfg.batch_size
-    total = parameter_counts(m)["total"]
-    dense = parameter_counts(replace(m, switch_every=0))["total"]
-    experts = max(0, total - dense)  # the extra experts (and routers) of the Switch layers
-    params = total - experts + experts // world_size
-    tokens = B * m.seq_len
-    per_layer = tokens * (8 * m.d_model + 2 * m.d_ff + 2 * m.n_experts)  # no T² term: fused attention has none
-    activations = m.n_layer * per_layer + 3 * tokens * m.vocab_size
-    return {"parameters": 4 * 4 * params, "activations": 4 * activations}
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory on the device (the GPU's, or the machine's RAM for the CPU); None when unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[1]
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        pass
-    return None
-
-
-def check_memory(cfg: TrainConfig, runtime: Runtime) -> None:
-    """ValueError, before anything is allocated, when the run cannot fit in the device's memory."""
-    need, have = memory_estimate(cfg, runtime.world_size), device_memory(runtime.device)
-    gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
-    if have is not None and sum(need.values()) > have:
-        raise ValueError(f"this run needs at least {gib(sum(need.values()))} on {runtime.device} (parameters "
-                         f"and optimizer state {gib(need['parameters'])}, activations {gib(need['activations'])}) "
-                         f"but it has {gib(have)}; lower --batch-size, --n-experts, --d-model or --seq-len")
-
-
-def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Identity: expert parallelism shards the experts in place in `build_state`, so no wrapper is needed."""
-    return model
+__all__ = ["MAX_SEED", "PRESETS", "RESUMABLE_FIELDS", "NonFiniteLossError", "Runtime", "TrainConfig", "TrainResult",
+           "TrainState", "WarmupCosine", "apply_overrides", "build_state", "compute_loss", "evaluate", "main",
+           "make_config", "make_optimizer", "memory_estimate", "sample_text", "train", "train_step"]
 
 
 # ----------------------------------------------------------------------------------------- loss, lr, eval
@@ -338,25 +129,6 @@ def router_metrics(stats: list, n_tokens: int, step: int) -> tuple[dict, list[di
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss or the gradient norm became NaN or infinite."""
-
-
-def check_resumable(cfg: TrainConfig, saved: TrainConfig, names: tuple[str, str] = ("checkpoint", "given"),
-                    prefix: str = "cannot resume with a different config") -> None:
-    """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE_FIELDS."""
-    flat = lambda c: {**c.to_dict()["model"], **{k: v for k, v in c.to_dict().items() if k != "model"}}  # noqa
-    new, old = flat(cfg), flat(saved)
-    bad = [f"{k} ({names[0]} {old[k]!r}, {names[1]} {new[k]!r})" for k in new
-           if new[k] != old[k] and k not in RESUMABLE_FIELDS]
-    if bad:
-        raise ValueError(f"{prefix}: " + "; ".join(bad))
-
-
-def saved_config(ckpt: dict, path) -> TrainConfig:
-    """The TrainConfig a checkpoint was saved with; CheckpointError naming the file when it is not valid."""
-    try:
-        return TrainConfig(**ckpt["config"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a usable checkpoint (its config is invalid: {e})") from None
 
 
 def checkpoint_file(out: Path, runtime: Runtime) -> Path:
@@ -593,130 +365,11 @@ def sample_text(model: SwitchLM, data: CharData, n_chars: int, seed: int = 0, te
     return data.tokenizer.decode(out[0, 1:])
 
 
-# ------------------------------------------------------------------------------------------------------ CLI
-def _parse_value(annotation: str):
-    """argparse type for a field annotation such as 'int', 'float | None'."""
-    base = {"int": int, "float": float, "str": str}[annotation.replace(" | None", "")]
-    if "None" not in annotation:
-        return base
-
-    def parse(text: str):
-        return None if text.lower() == "none" else base(text)
-
-    parse.__name__ = annotation  # argparse names the type in its error message
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Run options, then one flag per ModelConfig / TrainConfig field (--n-experts, --capacity-factor, ...)."""
-    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for name, o in PRESETS.items())
-    p = argparse.ArgumentParser(prog="python -m switch_core.train", description=__doc__.split("\n")[0],
-                                epilog=f"presets (overrides of the field defaults above):\n{presets}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="size preset, a dict of config overrides (default: cpu; on --resume: the checkpoint's)")
-    p.add_argument("--out", default=None, help="run directory (metrics.csv, checkpoint.pt, ...); none = no files")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--dense", action="store_true", help="dense baseline: no Switch layers (--switch-every 0)")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if preempted (resume later)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="expert parallel: how long the ranks wait for each other (init and collectives; default 600)")
-    for cls, title in ((ModelConfig, "model"), (TrainConfig, "training")):
-        group = p.add_argument_group(f"{title} config ({cls.__name__} fields)")
-        for f in fields(cls):
-            if f.name == "model":
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not MISSING else f.default_factory()
-            if f.type == "bool":
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=f"default {default}")
-            else:
-                group.add_argument(flag, dest=f.name, type=_parse_value(f.type), default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=f"default {default}")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Preset, then explicit flags; on --resume the checkpoint's config, then explicit flags."""
-    run_keys = {"preset", "out", "resume", "overwrite", "dense", "stop_at", "no_progress", "dist_timeout"}
-    overrides = {k: v for k, v in vars(args).items() if k not in run_keys}
-    if args.dense:
-        overrides["switch_every"] = 0
-    saved_at = None
-    if args.resume and args.out is not None:  # rank 0's file when expert-parallel (the same config on every rank)
-        if _launch_rank() == 0:  # finish an interrupted --overwrite before reading its checkpoint
-            recover_replaced_run(Path(args.out))
-        single = Path(args.out) / "checkpoint.pt"
-        saved_at = next((p for p in (single, parallel.committed_shard_path(single, 0)) if p and p.exists()), None)
-    if saved_at is not None:
-        saved = saved_config(load_checkpoint(saved_at), saved_at)
-        return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
-    source = overrides.get("distill_from") or overrides.get("init_from")
-    if source is not None:  # the model defaults to the teacher's dense twin / the fine-tuned run's model
-        model = distill.run_model_config(source)
-        model = distill.student_config(model) if overrides.get("distill_from") else model
-        cfg = make_config(args.preset or "cpu", **{k: v for k, v in overrides.items() if k in _TRAIN_KEYS})
-        return apply_overrides(replace(cfg, model=model), overrides)
-    return make_config(args.preset or "cpu", **overrides)
-
-
-_TRAIN_KEYS = set(_field_names(TrainConfig))
-
-
-def _launch_rank() -> int:
-    """This process's rank: the process group's, else torchrun's RANK, else 0."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def _error(message: object) -> None:
-    """One `error:` line on stderr, written at once (ranks other than 0 say which they are)."""
-    rank = _launch_rank()
-    text = " ".join(str(message).split("\n"))
-    sys.stderr.write(f"error: {text}\n" if rank == 0 else f"error: [rank {rank}] {text}\n")
-    sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad flags: argparse prints "error: ..." and exits 2
-    try:
-        cfg = config_from_args(args)
-        result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at,
-                       progress=not args.no_progress, dist_timeout=args.dist_timeout)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    except (ValueError, TypeError, OSError, OverflowError, MemoryError) as e:  # config, files, checkpoints, disk
-        _error(e if not isinstance(e, MemoryError) else f"out of memory ({e}); lower --batch-size or --n-experts")
-        return 2
-    except RuntimeError as e:  # NaN/inf guard, data checksum or download, a rank lost; or out of memory
-        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-            need = re.search(r"allocate (\d+ bytes|[\d.]+ [GMK]iB)", str(e))
-            _error("out of memory" + (f" (an allocation of {need.group(1)} failed)" if need else "") +
-                   "; lower --batch-size, --n-experts, --d-model or --seq-len")
-            return 2
-        timed_out = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            "timed out" in str(e).lower()
-        _error(f"another rank did not answer within --dist-timeout {args.dist_timeout:g} s ({e})" if timed_out
-               else e)
-        return 1
-    finally:
-        parallel.teardown_distributed()
-    if rank != 0:  # rank 0 reports for the whole run
-        return 0
-    counts = parameter_counts(result.config.model)  # the whole model, also when experts are sharded
-    last = result.metrics[-1] if result.metrics else {}
-    val = [m["val_loss"] for m in result.metrics if m["val_loss"] is not None]
-    tps = [m["tokens_per_s"] for m in result.metrics if m["tokens_per_s"] is not None]
-    print(f"step {last.get('step')}: val_loss {val[-1] if val else float('nan'):.4f}, "
-          f"{sum(tps) / max(1, len(tps)):,.0f} tokens/s, params {counts['total']:,} total / "
-          f"{counts['active']:,} active" + (f", run in {args.out}" if args.out else ""))
-    return 0
+    """The command line (`switch_core.cli.main`): parse argv, train, print a one-line summary; 0, or 2 on bad
+    input with one `error:` line."""
+    from .cli import main as cli_main  # the CLI imports this module
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import switch_core.cli as cli
 import switch_core.train as train_mod
 from switch_core import data
 REPLACED_DIR = ".replaced-run"
@@ -331,10 +332,10 @@ def test_disk_full_checkpoint_is_one_error_and_leaves_no_tmp(old_run, capsys):
 
 def test_other_ranks_prefix_their_error_lines(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
-    train_mod._error("bad\nthing")
+    cli._error("bad\nthing")
     assert capsys.readouterr().err == "error: [rank 1] bad thing\n"
     monkeypatch.setenv("RANK", "0")
-    train_mod._error("bad")
+    cli._error("bad")
     assert capsys.readouterr().err == "error: bad\n"
 
 
@@ -347,14 +348,14 @@ def test_data_file_linked_to_dev_zero_does_not_hang(tmp_path, alarm):
 
 
 def test_nan_guard_still_exits_1(tmp_path, env_data, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(NonFiniteLossError("nan")))
+    monkeypatch.setattr(cli, "train", lambda *a, **k: (_ for _ in ()).throw(NonFiniteLossError("nan")))
     assert run([*TINY, "--out", str(tmp_path / "x")], capsys)[0] == 1
 
 
 def test_out_of_memory_at_run_time_is_one_error_line(tmp_path, env_data, monkeypatch, capsys):
     message = "[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: you tried to " \
               "allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(message)))
+    monkeypatch.setattr(cli, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(message)))
     code, err = run([*TINY, "--out", str(tmp_path / "x")], capsys)
     line = one_error_line(err)
     assert code == 2 and "out of memory" in line and "123456789 bytes" in line and "enforce" not in line

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import switch_core.cli as cli
 import switch_core.train as train_mod
 from switch_core.checkpoint import METRIC_COLUMNS
 from switch_core.model import flops_per_token
@@ -206,12 +207,12 @@ def test_cli_bad_flags_exit_2_with_a_clear_message(argv, message, capsys, tmp_pa
 
 
 def test_cli_flags_cover_the_config_fields():
-    flags = train_mod.build_parser().format_help()
+    flags = cli.build_parser().format_help()
     for name in ("--n-experts", "--switch-every", "--capacity-factor", "--steps", "--seed", "--device", "--lr",
                  "--dense", "--resume", "--overwrite", "--out", "--preset", "--bias", "--no-bias"):
         assert name in flags
-    args = train_mod.build_parser().parse_args(["--preset", "tiny", "--dense", "--capacity-factor", "none"])
-    cfg = train_mod.config_from_args(args)
+    args = cli.build_parser().parse_args(["--preset", "tiny", "--dense", "--capacity-factor", "none"])
+    cfg = cli.config_from_args(args)
     assert cfg.model.switch_every == 0 and cfg.model.capacity_factor is None and cfg.steps == 20
 
 
