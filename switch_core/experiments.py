@@ -20,9 +20,9 @@ about an hour there); the GPU sizes are scaled up for one H200 (a few minutes ea
   0.25/0.75 soft/hard mixture), the "init only, no distillation" control (§4.2), and the mixture with the
   students' FFNs initialised from the mean of the experts or the first expert. A value ``run_of(label)``
   is the run directory of another label with the same seed, and the sweep runs that label first.
-- ``distill-teachers``: Table 7 in miniature: Switch teachers with 2, 4, 16 and 32 experts (8 is the
-  ``distill`` teacher, same config and seeds), each distilled by the paper's recipe into the same dense student,
-  and each one's "init only" control. The dense baseline is the ``distill`` sweep's.
+- ``distill-teachers``: Table 7 in miniature: Switch teachers with 2 to 32 experts (the ``distill`` sweep's
+  size and seeds), each distilled by the paper's recipe into the same dense student, each one's "init only"
+  control, and the dense baseline.
 - ``finetune``: pre-train without the largest speaker's speeches, fine-tune on them with dropout 0.1 and expert
   dropout 0 or 0.4 (§4.1), and the same speaker trained from scratch.
 """
@@ -86,8 +86,8 @@ _DISTILL_GPU = {**_GPU, "steps": 1000}
 _FINETUNE_CPU = {**_CPU, "steps": 300, "warmup_steps": 20, "lr": 1e-3, "min_lr": 1e-3, "eval_interval": 25,
                  "eval_batches": 10}
 _FINETUNE_GPU = {**_GPU, "steps": 300, "warmup_steps": 20, "lr": 5e-4, "min_lr": 5e-4, "eval_interval": 25}
-# Table 7's teachers besides the ``distill`` sweep's 8-expert one.
-TABLE7_EXPERTS = (2, 4, 16, 32)
+# Table 7's teachers: experts per Switch layer.
+TABLE7_EXPERTS = (2, 4, 8, 16, 32)
 _PRETRAIN = dict(steps=1000, warmup_steps=100, lr=3e-3, min_lr=3e-3, eval_interval=100)
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -146,12 +146,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "distill-teachers": Experiment(
         "distill-teachers", "Teachers with 2-32 experts distilled into the same dense student (Table 7)",
         cpu=_DISTILL_CPU, cuda=_DISTILL_GPU,
-        variants={k: v for e in TABLE7_EXPERTS for k, v in {
+        variants={"dense": dict(switch_every=0), **{k: v for e in TABLE7_EXPERTS for k, v in {
             f"teacher-{e}": dict(n_experts=e),
             f"student-{e}": dict(switch_every=0, distill_from=run_of(f"teacher-{e}"), distill_weight=0.25,
                                  init_from=run_of(f"teacher-{e}")),
             f"init-only-{e}": dict(switch_every=0, init_from=run_of(f"teacher-{e}")),
-        }.items()}),
+        }.items()}}),
     "finetune": Experiment(
         "finetune", "Fine-tuning on a held-out speaker with expert dropout 0 vs 0.4 (§4.1, Table 4)",
         cpu=_FINETUNE_CPU, cuda=_FINETUNE_GPU,
