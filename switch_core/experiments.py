@@ -3,8 +3,9 @@
 Run one with ``python -m switch_core.sweep NAME`` (see `switch_core.sweep`). A config is a dict of flat
 `make_config` overrides (ModelConfig and TrainConfig field names); a variant's overrides go on top of the size's.
 
-The CPU sizes were chosen where the effect under study can show on a 2-core machine (the whole CPU suite runs in
-about an hour there); the GPU sizes are scaled up for one H200 (a few minutes each).
+The CPU sizes were chosen where the effect under study can show on a 2-core machine (the whole CPU suite takes
+about three and a half hours there, README lists each sweep's time); the GPU sizes are scaled up for one H200 (a
+few minutes each).
 
 - ``experts``: dense vs Switch with 2-32 experts at equal FLOPs per token, and dense models with 2x and 4x the
   FFN width (more FLOPs): paper Figs. 4, 5, 6 and 12. A model whose FFN binds (d_ff = 2 d_model, a Switch layer
