@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import parallel
 from .config import TrainConfig
@@ -106,8 +106,3 @@ def check_memory(cfg: TrainConfig, runtime: Runtime) -> None:
         raise ValueError(f"this run needs at least {gib(sum(need.values()))} on {runtime.device} (parameters "
                          f"and optimizer state {gib(need['parameters'])}, activations {gib(need['activations'])}) "
                          f"but it has {gib(have)}; lower --batch-size, --n-experts, --d-model or --seq-len")
-
-
-def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Identity: expert parallelism shards the experts in place in `build_state`, so no wrapper is needed."""
-    return model

@@ -45,7 +45,7 @@ from .config import (MAX_SEED, PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_ove
                      make_config, saved_config)
 from .data import CharData, get_batch, load_char_data
 from .model import SwitchLM
-from .runtime import Runtime, check_memory, memory_estimate, setup_runtime, wrap_model
+from .runtime import Runtime, check_memory, memory_estimate, setup_runtime
 
 __all__ = ["MAX_SEED", "PRESETS", "RESUMABLE_FIELDS", "NonFiniteLossError", "Runtime", "TrainConfig", "TrainResult",
            "TrainState", "WarmupCosine", "apply_overrides", "build_state", "compute_loss", "evaluate", "main",
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
     replaced = start_out_dir(out, overwrite) if runtime.is_main else False
     runtime.barrier()
     state = build_state(cfg, runtime, ckpt, ckpt_path)
-    model = wrap_model(state.model, runtime)
+    model = state.model  # expert parallelism shards the experts in place (build_state): no wrapper
     if cfg.compile:  # checkpoints keep saving state.model, so their keys do not change
         model = torch.compile(model)
     ckpt_dir, out = out, (out if runtime.is_main else None)  # only rank 0 logs; every rank saves its shard
