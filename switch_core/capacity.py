@@ -129,20 +129,22 @@ def dispatch(
     if real_TK is not None:
         expert_TK = torch.where(real_TK, expert_TK, E)  # padding -> bucket E
     expert_A = expert_TK.reshape(A)
-    group_A = (torch.arange(A, device=device) // (K * group_size) if group_size is not None
-               else torch.zeros(A, dtype=torch.long, device=device))
-
+    if N > 1:
+        group_A = torch.arange(A, device=device) // (K * group_size)
+        bucket_A = expert_A * N + group_A
+    else:  # one group: buckets are experts (a view of zeros: nothing to compute)
+        group_A = torch.zeros((), dtype=torch.long, device=device).expand(A)
+        bucket_A = expert_A
     # Buckets (expert, group), padding in the last buckets; sort by (bucket, fill rank): unique keys.
-    bucket_A = expert_A * N + group_A
     if policy == "position":  # fill rank = k·T + t: a stable sort of bucket by choice, then position
         key_A = bucket_A if K == 1 else bucket_A.view(T, K).t().reshape(A)
-        order_A = torch.sort(key_A, stable=True).indices
+        sorted_bucket_A, order_A = torch.sort(key_A, stable=True)  # the sorted keys are the buckets
         if K > 1:  # back from choice-major to token-major assignment ids
             order_A = (order_A % T) * K + order_A // T
     else:
         key_A = bucket_A * A + _priority_rank(gates_TK, policy, generator).reshape(A)
         order_A = torch.argsort(key_A)
-    sorted_bucket_A = bucket_A[order_A]
+        sorted_bucket_A = bucket_A[order_A]
 
     # Slot = index in the sorted list minus where the bucket's run starts (exclusive cumsum of run lengths).
     # NOTE: index_add_, not bincount: bincount reads its maximum back to the host on an accelerator.
@@ -152,12 +154,19 @@ def dispatch(
     sorted_slot_A = torch.arange(A, device=device) - start[sorted_bucket_A]
     slot_A = torch.empty_like(sorted_slot_A).scatter_(0, order_A, sorted_slot_A)
 
-    keep_A = (slot_A < capacity) & (expert_A < E)
+    keep_A = slot_A < capacity if real_TK is None else (slot_A < capacity) & (expert_A < E)
     kept_EN = per_bucket[: E * N].view(E, N).clamp(max=capacity)
     # Rank among the expert's kept assignments: those kept in its earlier groups, plus the slot.
-    before_EN = torch.cumsum(kept_EN, 1) - kept_EN
-    rank_A = before_EN.reshape(E * N)[bucket_A.clamp(max=max(E * N - 1, 0))] + slot_A if A else slot_A
-    counts_E = torch.zeros(E + 1, dtype=torch.long, device=device).index_add_(0, expert_TK[:, 0], ones_A[:T])[:E]
+    if N > 1 and A:
+        before_EN = torch.cumsum(kept_EN, 1) - kept_EN
+        rank_A = before_EN.reshape(E * N)[bucket_A.clamp(max=E * N - 1)] + slot_A
+    else:
+        rank_A = slot_A
+    if K == 1 and N == 1:  # the buckets are the first choices already (padding in bucket E)
+        counts_E = per_bucket[:E]
+    else:
+        counts_E = torch.zeros(E + 1, dtype=torch.long, device=device).index_add_(0, expert_TK[:, 0],
+                                                                                 ones_A[:T])[:E]
     n_real = torch.full((), float(A), device=device) if real_TK is None else real_TK.sum().to(torch.float32)
     return Dispatch(expert_A, group_A, slot_A, keep_A, rank_A, order_A, counts_E, kept_EN.t(), n_real,
                     capacity, K, N, T if group_size is None else min(group_size, T))

@@ -33,6 +33,10 @@ def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None
     f comes from an argmax, so the gradient flows through P only. Returns a float32 scalar."""
     T, E = probs_TE.shape
     probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
+    if mask_T is None and (group_size is None or group_size >= T):  # every token real, one group
+        f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
+            0, first_choice_T.clamp(min=0), torch.ones(T, dtype=probs_TE.dtype, device=probs_TE.device))
+        return (f_E * probs_TE.sum(dim=0)).sum() * (E / max(T, 1) ** 2)
     index_T = first_choice_T.clamp(min=0)  # padding may carry -1; its weight is 0 anyway
     if group_size is None or group_size >= T:
         # One group. f_i: a count of first choices (no gradient); P_i: mean probability (carries the gradient).
@@ -54,10 +58,14 @@ def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None
     return (loss_N * has_real_N).sum() / has_real_N.sum().clamp(min=1)
 
 
-def z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+def z_loss(logits_TE: Tensor, mask_T: Tensor | None = None, lse_T: Tensor | None = None) -> Tensor:
     """Router z-loss (ST-MoE eq. 5): mean over real tokens of logsumexp(logits)². Float32 scalar.
 
-    logits_TE: router logits [T, E].  mask_T: optional bool [T], True for real tokens."""
-    w_T, n_real = _real_tokens(mask_T, logits_TE)
-    lse_T = torch.logsumexp(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
-    return torch.where(w_T > 0, lse_T.square(), 0.0).sum() / n_real
+    logits_TE: router logits [T, E].  mask_T: optional bool [T], True for real tokens.
+    lse_T: the logsumexp of the logits [T] when the caller has it already (`route` returns it)."""
+    if lse_T is None:
+        lse_T = torch.logsumexp(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
+    if mask_T is None:
+        return lse_T.square().sum() / max(lse_T.shape[0], 1)
+    _, n_real = _real_tokens(mask_T, logits_TE)
+    return torch.where(mask_T, lse_T.square(), 0.0).sum() / n_real
