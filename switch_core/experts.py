@@ -128,14 +128,67 @@ _ACT_BACKWARD = {
 }
 
 
+def sorted_ffn_forward(xs_SD: Tensor, w_in: Tensor, w_out: Tensor, sizes: list[int], activation: str):
+    """Every expert on its block of sorted rows, expert by expert: rows of expert e are the e-th block of sizes.
+
+    xs_SD [S, D], w_in [E, D, F], w_out [E, F, D] -> (ys [S + 1, D] with a spare zero last row, what backward needs:
+    per expert with rows the activation, and for a non-ReLU activation its input first)."""
+    act, relu = ACTIVATIONS[activation][0], activation == "relu"
+    S, D = xs_SD.shape[0], w_out.shape[2]
+    ys_S1D = xs_SD.new_empty(S + 1, D)  # one spare zero row: what dropped tokens gather
+    ys_S1D[S] = 0
+    saved = []
+    for x_ND, w_in_DF, w_out_FD, y_ND in zip(xs_SD.split(sizes), w_in.unbind(0), w_out.unbind(0),
+                                             ys_S1D[:S].split(sizes)):
+        if x_ND.shape[0]:
+            pre_NF = torch.mm(x_ND, w_in_DF)
+            h_NF = pre_NF.relu_() if relu else act(pre_NF)
+            saved += [h_NF] if relu else [pre_NF, h_NF]
+            torch.mm(h_NF, w_out_FD, out=y_ND)
+    return ys_S1D, saved
+
+
+def sorted_ffn_backward(xs_SD: Tensor, g_SD: Tensor, w_in: Tensor, w_out: Tensor, sizes: list[int], activation: str,
+                        saved: list[Tensor], need_x: bool):
+    """Backward of `sorted_ffn_forward` for the gradient g_SD [S, D] of the experts' outputs.
+
+    Returns (g_xs [S + 1, D] with a zero last row, or None without need_x; g_w_in [E, D, F]; g_w_out [E, F, D]):
+    every weight gradient is written straight into its slice of one [E, ...] buffer (0 for an expert without
+    rows)."""
+    relu, S = activation == "relu", xs_SD.shape[0]
+    g_xs_S1D = xs_SD.new_empty(S + 1, xs_SD.shape[1]) if need_x else None
+    g_in, g_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    act_backward = _ACT_BACKWARD[activation]
+    g_xs = g_xs_S1D[:S].split(sizes) if need_x else [None] * len(sizes)
+    i = 0
+    for x_ND, g_ND, gx_ND, w_in_DF, w_out_FD, g_in_DF, g_out_FD in zip(
+            xs_SD.split(sizes), g_SD.split(sizes), g_xs, w_in.unbind(0), w_out.unbind(0), g_in.unbind(0),
+            g_out.unbind(0)):
+        if not x_ND.shape[0]:  # an expert that got no rows: zero gradient
+            g_in_DF.zero_()
+            g_out_FD.zero_()
+            continue
+        pre_NF, h_NF = (saved[i], saved[i]) if relu else (saved[i], saved[i + 1])
+        i += 1 if relu else 2
+        torch.mm(h_NF.t(), g_ND, out=g_out_FD)
+        g_pre_NF = act_backward(torch.mm(g_ND, w_out_FD.t()), pre_NF, h_NF)
+        torch.mm(x_ND.t(), g_pre_NF, out=g_in_DF)
+        if need_x:
+            torch.mm(g_pre_NF, w_in_DF.t(), out=gx_ND)
+    if need_x:
+        g_xs_S1D[S] = 0
+    return g_xs_S1D, g_in, g_out
+
+
 class _SortedExpertsCPU(torch.autograd.Function):
     """The CPU fast path of the grouped backend, gather -> experts -> gate -> scatter in one autograd node.
 
     Forward: xs = x[tok_S] (kept assignments in expert order); for each expert e, on its rows a:b,
-    ys = act(xs · w_in[e]) · w_out[e]; then y[t] = Σ gate · ys over t's kept assignments (0 if none).
-    Top-1 scatters by gathering: y = [gate · ys; 0].index_select(0, row_T), row_T = each token's row or the zero
-    row. Backward writes every weight gradient straight into its slice of one [E, ...] buffer and keeps what
-    autograd would keep for a dense FFN (the hidden activations; for ReLU its output only).
+    ys = act(xs · w_in[e]) · w_out[e] (`sorted_ffn_forward`); then y[t] = Σ gate · ys over t's kept assignments
+    (0 if none). Top-1 scatters by gathering: y = [gate · ys; 0].index_select(0, row_T), row_T = each token's row
+    or the zero row. Backward (`sorted_ffn_backward`) writes every weight gradient straight into its slice of one
+    [E, ...] buffer and keeps what autograd would keep for a dense FFN (the hidden activations; for ReLU its
+    output only).
     NOTE: the gate's gradient is <g_y, ys>. Top-1 recovers ys from the stored gate · ys (a top-1 gate is the
     largest of E probabilities, so >= 1/E: the division is safe); top-k keeps ys itself.
     Not twice differentiable. Python work per expert is kept to its matmuls: this runs E times per layer call.
@@ -146,18 +199,9 @@ class _SortedExpertsCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, gate_S: Tensor, w_in: Tensor, w_out: Tensor, tok_S: Tensor, sizes: list[int],
                 activation: str, top_k: int) -> Tensor:
-        act, relu = ACTIVATIONS[activation][0], activation == "relu"
         T, S, D = x_TD.shape[0], tok_S.shape[0], w_out.shape[2]
         xs_SD = x_TD.index_select(0, tok_S)
-        ys_S1D = xs_SD.new_empty(S + 1, D)  # one spare zero row: what dropped tokens gather
-        ys_S1D[S] = 0
-        saved = []  # per expert: the activation, and for a non-ReLU activation its input
-        for e, x_ND, y_ND in zip(range(len(sizes)), xs_SD.split(sizes), ys_S1D[:S].split(sizes)):
-            if x_ND.shape[0]:
-                pre_NF = torch.mm(x_ND, w_in[e])
-                h_NF = pre_NF.relu_() if relu else act(pre_NF)
-                saved += [h_NF] if relu else [pre_NF, h_NF]
-                torch.mm(h_NF, w_out[e], out=y_ND)
+        ys_S1D, saved = sorted_ffn_forward(xs_SD, w_in, w_out, sizes, activation)
         kept_ys = None if top_k == 1 else ys_S1D[:S].clone()
         ys_S1D[:S].mul_(gate_S.to(ys_S1D.dtype)[:, None])
         if top_k == 1:  # every token has at most one row: gather instead of scatter
@@ -175,7 +219,7 @@ class _SortedExpertsCPU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD: Tensor):
         xs_SD, gate_S, w_in, w_out, tok_S, row_T, ys, *saved = ctx.saved_tensors
-        relu, dt, S, sizes = ctx.activation == "relu", xs_SD.dtype, xs_SD.shape[0], ctx.sizes
+        dt, S = xs_SD.dtype, xs_SD.shape[0]
         g_SD = g_TD.to(dt).index_select(0, tok_S)  # the gradient reaching each kept assignment's output
         g_gate_S = None
         if ctx.needs_input_grad[1]:
@@ -184,26 +228,11 @@ class _SortedExpertsCPU(torch.autograd.Function):
                 g_gate_S = g_gate_S / gate_S
         g_SD.mul_(gate_S.to(dt)[:, None])  # now the gradient of each expert's output
         need_x = ctx.needs_input_grad[0]
-        g_xs_S1D = xs_SD.new_empty(S + 1, xs_SD.shape[1]) if need_x else None
-        g_in, g_out = torch.empty_like(w_in), torch.empty_like(w_out)
-        act_backward = _ACT_BACKWARD[ctx.activation]
-        g_xs = g_xs_S1D[:S].split(sizes) if need_x else [None] * len(sizes)
-        i = 0
-        for e, x_ND, g_ND, gx_ND in zip(range(len(sizes)), xs_SD.split(sizes), g_SD.split(sizes), g_xs):
-            if not x_ND.shape[0]:  # an expert that got no rows: zero gradient
-                g_in[e], g_out[e] = 0, 0
-                continue
-            pre_NF, h_NF = (saved[i], saved[i]) if relu else (saved[i], saved[i + 1])
-            i += 1 if relu else 2
-            torch.mm(h_NF.t(), g_ND, out=g_out[e])
-            g_pre_NF = act_backward(torch.mm(g_ND, w_out[e].t()), pre_NF, h_NF)
-            torch.mm(x_ND.t(), g_pre_NF, out=g_in[e])
-            if need_x:
-                torch.mm(g_pre_NF, w_in[e].t(), out=gx_ND)
+        g_xs_S1D, g_in, g_out = sorted_ffn_backward(xs_SD, g_SD, w_in, w_out, ctx.sizes, ctx.activation, saved,
+                                                    need_x)
         g_x = None
         if need_x:
             if row_T is not None:
-                g_xs_S1D[S] = 0
                 g_x = g_xs_S1D.index_select(0, row_T)
             else:
                 g_x = g_xs_S1D.new_zeros(ctx.n_tokens, xs_SD.shape[1]).index_add_(0, tok_S, g_xs_S1D[:S])
