@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .capacity import DROP_POLICIES, dispatch, expert_capacity
 from .experts import ACTIVATIONS, BACKENDS, Experts, grouped_mm_aligned, grouped_mm_supported
+from .fused_cpu import SwitchCPU
 from .init import check_init_scale, truncated_normal_
 from .losses import balance_loss, z_loss
 from .router import ROUTER_DTYPES, Router, route
@@ -200,6 +201,7 @@ class SwitchFeedForward(nn.Module):
                              router_dtype=router_dtype)
         self.experts = Experts(d_model, d_ff, n_experts, activation=activation, bias=bias,
                                expert_dropout=_check_rate("expert_dropout", expert_dropout), init_scale=init_scale)
+        self.fuse_cpu = True  # see fuses_on_cpu
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
@@ -224,8 +226,38 @@ class SwitchFeedForward(nn.Module):
             return "grouped"
         return "grouped" if dropless else "padded"
 
+    def fuses_on_cpu(self, x: Tensor, token_mask: Tensor | None = None) -> bool:
+        """Whether this call runs as one autograd node (`fused_cpu.SwitchCPU`) instead of step by step: on the
+        CPU, eager, backend "auto" or "grouped", top-1 with the "position" policy, one capacity group, no padding
+        mask, float32/float64 input without autocast and a float32 router, an ungated activation without bias, and
+        neither input jitter nor expert dropout in training. Set ``fuse_cpu = False`` on the layer to always run
+        the steps (the results are the same)."""
+        T = x.shape[:-1].numel()
+        return (getattr(self, "fuse_cpu", True) and x.device.type == "cpu" and token_mask is None and T > 0
+                and self.top_k == 1 and self.drop_policy == "position" and self.backend in ("auto", "grouped")
+                and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64)
+                and compute_dtype(x) == x.dtype and self.router.router_dtype == "float32"
+                and not (self.training and self.router.jitter_eps > 0) and self.experts._cpu_fast_path(x)
+                and (self.group_size is None or self.group_size >= T))
+
+    def _forward_fused_cpu(self, x: Tensor) -> tuple[Tensor, SwitchStats]:
+        lead, T, E, dt = x.shape[:-1], x.shape[:-1].numel(), self.n_experts, x.dtype
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = expert_capacity(T, E, cf, 1)
+        ex = self.experts
+        y_TD, probs_ET, logits_ET, gate_T, balance, z, expert_T, counts_E, kept_E, dropped = SwitchCPU.apply(
+            x.reshape(T, self.d_model), self.router.weight.to(dt), ex.w_in.to(dt), ex.w_out.to(dt), capacity,
+            ex.activation)
+        y = F.dropout(y_TD, self.dropout, self.training).view(x.shape)
+        return y, SwitchStats(counts=counts_E, kept_counts=kept_E, balance_loss=balance, z_loss=z,
+                              dropped_fraction=dropped, expert_index=expert_T.view(*lead, 1),
+                              gates=gate_T.view(*lead, 1), router_probs=probs_ET.t().view(*lead, E),
+                              router_logits=logits_ET.t().view(*lead, E), capacity=capacity)
+
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, SwitchStats]:
         check_input(x, self.d_model, token_mask)
+        if self.fuses_on_cpu(x, token_mask):
+            return self._forward_fused_cpu(x)  # the same four steps, as one autograd node (see fused_cpu.py)
         lead, T, K, E = x.shape[:-1], x.shape[:-1].numel(), self.top_k, self.n_experts
         x_TD = x.reshape(T, self.d_model)
         mask_T = None if token_mask is None else token_mask.reshape(T)
@@ -250,7 +282,7 @@ class SwitchFeedForward(nn.Module):
             counts=d.counts_E,
             kept_counts=d.kept_E,
             balance_loss=balance_loss(r.probs_TE, r.expert_TK[:, 0], mask_T, self.group_size),
-            z_loss=z_loss(r.logits_TE, mask_T),
+            z_loss=z_loss(r.logits_TE, mask_T, r.lse_T),
             dropped_fraction=(d.n_real - d.keep_A.sum()) / d.n_real.clamp(min=1.0),
             expert_index=(r.expert_TK if real_TK is None else torch.where(real_TK, r.expert_TK, -1)).view(*lead, K),
             gates=(r.gates_TK if real_TK is None else torch.where(real_TK, r.gates_TK, 0.0)).view(*lead, K),
