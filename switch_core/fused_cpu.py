@@ -85,9 +85,9 @@ class SwitchCPU(torch.autograd.Function):
         g_SD = g_TD.index_select(0, tok_S)
         g_gate_S = torch.linalg.vecdot(g_SD, ys[:S]) / gate_S
         g_SD.mul_(gate_S[:, None])
+        need = ctx.needs_input_grad
         g_xs_S1D, g_in, g_out = sorted_ffn_backward(xs_SD, g_SD, w_in, w_out, ctx.kept, ctx.activation, saved,
-                                                    True)
-        g_x = g_xs_S1D.index_select(0, row_T)
+                                                    need[0])
         # Router: the gates' gradient (0 for dropped tokens), the balance loss's (through P only: f is a count)
         # and the z-loss's (through the logsumexp), back through the softmax to the logits.
         g_gate_total = torch.zeros_like(gate_T).index_copy_(0, tok_S, g_gate_S)
@@ -100,7 +100,8 @@ class SwitchCPU(torch.autograd.Function):
         g_ET = top1_softmax_backward(probs_ET, gate_T, expert_T, g_p, g_gate_total, g_lse)
         if g_logits_ET is not None:
             g_ET = g_ET + g_logits_ET
-        g_x.addmm_(g_ET.t(), w_r)  # the router's share of x's gradient, added in place
-        need = ctx.needs_input_grad
-        return (g_x if need[0] else None, torch.mm(g_ET, x_TD) if need[1] else None,
+        g_x = None
+        if need[0]:  # the experts' share of x's gradient, and the router's added in place
+            g_x = g_xs_S1D.index_select(0, row_T).addmm_(g_ET.t(), w_r)
+        return (g_x, torch.mm(g_ET, x_TD) if need[1] else None,
                 g_in if need[2] else None, g_out if need[3] else None, None, None)

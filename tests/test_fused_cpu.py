@@ -90,3 +90,23 @@ def test_the_fused_layer_steps_aside_for_masks_dtypes_autocast_and_empty_input()
         assert not layer.fuses_on_cpu(x)
     layer.fuse_cpu = False
     assert not layer.fuses_on_cpu(x)
+
+
+def test_fused_layer_with_an_input_and_weights_that_need_no_gradient():
+    torch.manual_seed(0)
+    layer = SwitchFeedForward(16, 32, 4, capacity_factor=0.75).double()
+    layer.experts.w_out.requires_grad_(False)  # e.g. frozen experts while fine-tuning
+    x = torch.randn(40, 16, dtype=torch.float64)  # a leaf without gradient
+    grads = []
+    for fuse in (False, True):
+        layer.fuse_cpu = fuse
+        assert layer.fuses_on_cpu(x) == fuse
+        layer.zero_grad(set_to_none=True)
+        y, st = layer(x)
+        (y.sin().sum() + st.balance_loss + st.z_loss).backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+    assert grads[1][2] is None and x.grad is None
