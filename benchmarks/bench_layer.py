@@ -87,7 +87,13 @@ def main() -> None:
         for backend in ("loop", "padded", "grouped", "auto"):
             candidates[f"switch {backend}"] = SwitchFeedForward(D, F_, E, capacity_factor=args.capacity_factor,
                                                                  backend=backend).to(dev, dtype)
+        if dev == "cpu":  # the auto layer run step by step rather than as one autograd node (fused_cpu.py)
+            candidates["switch auto, steps"] = SwitchFeedForward(D, F_, E, capacity_factor=args.capacity_factor,
+                                                                 backend="auto").to(dev, dtype)
+            candidates["switch auto, steps"].fuse_cpu = False
         resolved = candidates["switch auto"].resolve_backend(x)
+        if candidates["switch auto"].fuses_on_cpu(x):
+            resolved += ", fused into one autograd node"
         fns = {name: (lambda m: (lambda inp: m(inp)[0] if isinstance(m, SwitchFeedForward) else m(inp)))(m)
                for name, m in candidates.items()}
         if not args.no_peers and (hf := hf_layer(D, F_, E, args.capacity_factor, T)) is not None:
@@ -108,6 +114,8 @@ def main() -> None:
             ratio = m / med["dense FeedForward"]
             print(f"  {name:34s} {1e3 * m:10.1f} {ratio:15.2f}x")
             results["rows"].append({"experts": E, "layer": name, "median_ms": 1e3 * m, "ratio_to_dense": ratio})
+        if "switch auto, steps" in med:
+            print(f"  auto fused / auto steps: {med['switch auto'] / med['switch auto, steps']:.2f}x")
         if dev == "cuda":
             print(f"  loop / auto speedup: {med['switch loop'] / med['switch auto']:.2f}x")
             # Any host-device synchronisation inside the auto layer's forward/backward raises here.

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from switch_core.layer import SwitchFeedForward
 from switch_core.model import SwitchLM
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
 
@@ -45,11 +46,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def switch_core_stepper(overrides: dict, device: torch.device, compile_model: bool = False):
-    """A function running one training step of the trainer (switch_core.train.train_step) on a fixed batch."""
+def switch_core_stepper(overrides: dict, device: torch.device, compile_model: bool = False, fuse: bool = True):
+    """A function running one training step of the trainer (switch_core.train.train_step) on a fixed batch.
+    fuse=False runs every Switch layer step by step instead of as one autograd node on the CPU (fused_cpu.py)."""
     cfg = make_config("cpu", **overrides, device=device.type, vocab_size=65, steps=10**6, warmup_steps=0)
     torch.manual_seed(0)
     model = SwitchLM(cfg.model).to(device)
+    for m in model.modules():
+        if isinstance(m, SwitchFeedForward):
+            m.fuse_cpu = fuse
     opt = make_optimizer(model, cfg)
     state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg)), torch.Generator())
     runtime = Runtime(device)
@@ -114,6 +119,8 @@ def bench(name: str, device: torch.device, rounds: int, steps_per_round: int, pe
     o = CONFIGS[name]
     runs = {"dense SwitchLM": switch_core_stepper({**o, "switch_every": 0}, device),
             "Switch SwitchLM": switch_core_stepper(o, device)}
+    if device.type == "cpu":
+        runs["Switch SwitchLM, steps"] = switch_core_stepper(o, device, fuse=False)
     if compile_model:
         runs["dense SwitchLM, compiled"] = switch_core_stepper({**o, "switch_every": 0}, device, True)
         runs["Switch SwitchLM, compiled"] = switch_core_stepper({**o, "backend": "padded"}, device, True)
@@ -141,6 +148,8 @@ def bench(name: str, device: torch.device, rounds: int, steps_per_round: int, pe
         print(f"  best Switch ({best['Switch']}) / best dense ({best['dense']}): "
               f"{tps[best['Switch']] / tps[best['dense']]:.2f}x; Switch compiled / eager: "
               f"{tps['Switch SwitchLM, compiled'] / tps['Switch SwitchLM']:.2f}x")
+    if "Switch SwitchLM, steps" in tps:
+        print(f"  Switch fused / Switch steps: {tps['Switch SwitchLM'] / tps['Switch SwitchLM, steps']:.2f}x")
     if "labml Switch Transformer" in tps:
         print(f"  Switch SwitchLM / labml: {tps['Switch SwitchLM'] / tps['labml Switch Transformer']:.2f}x")
     return rows
