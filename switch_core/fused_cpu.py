@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .experts import sorted_ffn_backward, sorted_ffn_forward
+from .losses import balance_loss, z_loss
 from .router import top1_softmax, top1_softmax_backward
 
 
@@ -58,10 +59,10 @@ class SwitchCPU(torch.autograd.Function):
         row_T = torch.full((T,), S, dtype=torch.long)
         row_T[tok_S] = torch.arange(S)
         y_TD = ys_S1D.index_select(0, row_T)
-        # Losses (losses.py): N · Σ f_i P_i over the counts, and mean logsumexp².
+        # The losses of losses.py (their backward is below: f is the counts, the z-loss squares lse).
+        balance = balance_loss(probs_ET.t(), expert_T)
+        z = z_loss(logits_ET.t(), None, lse_T)
         f_E = counts_E.to(probs_ET.dtype)
-        balance = (f_E * probs_ET.sum(dim=1)).sum() * (E / T ** 2)
-        z = lse_T.square().sum() / T
         n = torch.full((), float(T))
         dropped = (n - S) / n
         kept_E = torch.tensor(kept)
