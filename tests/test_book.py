@@ -327,12 +327,45 @@ def inspect_page(browser, html_file: Path, screenshot: Path) -> dict:
         except PlaywrightError as e:
             return {"failedLoads": [(url, str(e.message).splitlines()[0])]}
         report = page.evaluate(INSPECT_PAGE_JS)
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=screenshot, full_page=True, timeout=PAGE_TIMEOUT_S * 1000)
+        save_screenshot(page, screenshot)
         report["failedLoads"], report["jsErrors"] = failed, js_errors
         return report
     finally:
         context.close()
+
+
+SCREENSHOT_TILE_PX = 8000  # CSS pixels per capture when the one full-page capture fails
+
+
+def save_screenshot(page, screenshot: Path) -> list[Path]:
+    """Save what a reader of ``page`` would see, top to bottom, as PNG files; return them.
+
+    One full-page capture to ``screenshot`` first. Chromium sometimes refuses a tall one ("Unable to
+    capture screenshot": it happened once in CI on a 14,000 px page while the chapters executed beside
+    it), so it is tried a second time, and then the page is captured in tiles of SCREENSHOT_TILE_PX,
+    ``<name>.png``, ``<name>-2.png``, ... An error in a tile is raised: then there is nothing to show.
+    """
+    from playwright.sync_api import Error as PlaywrightError
+
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    timeout = PAGE_TIMEOUT_S * 1000
+    for attempt in range(2):
+        try:
+            page.screenshot(path=screenshot, full_page=True, timeout=timeout)
+            return [screenshot]
+        except PlaywrightError as e:
+            if "Unable to capture screenshot" not in str(e):
+                raise
+            page.wait_for_timeout(1000)
+    width, height = page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    tiles = []
+    for i, top in enumerate(range(0, height, SCREENSHOT_TILE_PX)):
+        tile = screenshot if i == 0 else screenshot.with_name(f"{screenshot.stem}-{i + 1}.png")
+        clip = {"x": 0, "y": top, "width": width, "height": min(SCREENSHOT_TILE_PX, height - top)}
+        page.screenshot(path=tile, full_page=True, clip=clip, timeout=timeout)
+        tiles.append(tile)
+    return tiles
 
 
 @pytest.fixture(scope="module")
@@ -412,6 +445,43 @@ def test_check_flags_broken_page(browser, tmp_path):
     assert "uncaught JavaScript error: TypeError: broken on purpose" in text, text
     assert "THEBE_JS_URL" not in text, text  # the known upstream noise is ignored, and only that
     assert screenshot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+class _RefusingPage:
+    """A Playwright page whose full-page capture fails as Chromium's did in CI; clipped ones work."""
+
+    def __init__(self, height, refusals):
+        self.height, self.refusals, self.calls = height, refusals, []
+
+    def screenshot(self, path, full_page, timeout, clip=None):
+        from playwright.sync_api import Error as PlaywrightError
+
+        self.calls.append(clip)
+        if clip is None and self.refusals:
+            self.refusals -= 1
+            raise PlaywrightError("Page.screenshot: Protocol error (Page.captureScreenshot): "
+                                  "Unable to capture screenshot")
+        Path(path).write_bytes(PNG_SIGNATURE)
+
+    def wait_for_timeout(self, ms):
+        pass
+
+    def evaluate(self, expression):
+        return [1280, self.height]
+
+
+def test_screenshot_retries_then_tiles(tmp_path):
+    """A refused full-page capture is tried again, then taken in tiles that cover the whole page."""
+    pytest.importorskip("playwright")
+    once = _RefusingPage(height=20_000, refusals=1)
+    assert save_screenshot(once, tmp_path / "a.png") == [tmp_path / "a.png"] and once.calls == [None, None]
+
+    always = _RefusingPage(height=20_000, refusals=99)
+    tiles = save_screenshot(always, tmp_path / "b.png")
+    assert [t.name for t in tiles] == ["b.png", "b-2.png", "b-3.png"]
+    assert all(t.read_bytes() == PNG_SIGNATURE for t in tiles)
+    clips = always.calls[2:]
+    assert [(c["y"], c["height"]) for c in clips] == [(0, 8000), (8000, 8000), (16000, 4000)]
 
 
 def test_check_flags_missing_page(browser, tmp_path):
