@@ -22,6 +22,12 @@ def _real_tokens(mask_T: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
     return w_T, w_T.sum().clamp(min=1.0)
 
 
+def _per_group(v_T: Tensor, N: int, G: int) -> Tensor:
+    """Sums over runs of G consecutive rows: v [T, ...] -> [N, ...], N = ceil(T / G) (the last run may be short)."""
+    pad = [0, 0] * (v_T.dim() - 1) + [0, N * G - v_T.shape[0]]
+    return torch.nn.functional.pad(v_T, pad).view(N, G, *v_T.shape[1:]).sum(dim=1)
+
+
 def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None = None,
                  group_size: int | None = None) -> Tensor:
     """Switch auxiliary loss, N · Σ_i f_i · P_i (paper eq. 4). 1.0 when routing is uniform (or P is).
@@ -48,11 +54,12 @@ def balance_loss(probs_TE: Tensor, first_choice_T: Tensor, mask_T: Tensor | None
     w_T = torch.ones(T, device=probs_TE.device) if mask_T is None else mask_T.to(torch.float32)
     N = -(-T // group_size)
     group_T = torch.arange(T, device=probs_TE.device) // group_size
-    n_N = torch.zeros(N, device=probs_TE.device).index_add_(0, group_T, w_T)
+    # Groups are runs of consecutive tokens: sums per group by padding T to N · G and reshaping. (Not index_add_
+    # over group_T: Inductor's CPU code generation fails on that scatter on AVX2 machines, torch 2.13.)
+    n_N = _per_group(w_T, N, group_size)
     f_NE = torch.zeros(N * E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
         0, group_T * E + index_T, w_T.to(probs_TE.dtype)).view(N, E)
-    P_NE = torch.zeros(N, E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
-        0, group_T, probs_TE if mask_T is None else torch.where(mask_T[:, None], probs_TE, 0.0))
+    P_NE = _per_group(probs_TE if mask_T is None else torch.where(mask_T[:, None], probs_TE, 0.0), N, group_size)
     loss_N = E * (f_NE * P_NE).sum(dim=1) / n_N.clamp(min=1.0).square()
     has_real_N = n_N > 0
     return (loss_N * has_real_N).sum() / has_real_N.sum().clamp(min=1)
