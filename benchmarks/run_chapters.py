@@ -3,9 +3,9 @@ stack (the GPU machine this project borrows has no jupyter-book, nbclient or jup
 
 Each chapter's ```{code-cell}``` blocks run in order in one namespace, with ``book/`` as the working directory,
 as the book build runs them. Cells tagged ``skip-execution`` are skipped, as MyST-NB skips them; ``raises-exception``
-cells may raise. ``myst_nb.glue`` and ``IPython.display`` are stood in for when they are missing: glued values
-are collected into ``glue.json``; figures are saved as PNGs instead of shown. An assertion that fails in a cell
-fails the chapter, as in the book build.
+cells may raise; a ``%%writefile`` cell writes its file, as IPython's magic does. ``myst_nb.glue`` and
+``IPython.display`` are stood in for when they are missing: glued values are collected into ``glue.json``; figures
+are saved as PNGs instead of shown. An assertion that fails in a cell fails the chapter, as in the book build.
 
     python benchmarks/run_chapters.py --out /tmp/chapters            # every chapter of _toc.yml
     python benchmarks/run_chapters.py --out /tmp/ch book/routing.md  # some
@@ -97,6 +97,18 @@ def install_shims() -> None:
         sys.modules["IPython"], sys.modules["IPython.display"] = ipython, display_mod
 
 
+def write_file_magic(source: str, namespace: dict) -> None:
+    """IPython's ``%%writefile [-a] PATH`` cell magic: the rest of the cell goes to PATH, in which ``{expr}`` is
+    replaced by its value in the chapter's namespace (IPython's expansion of magic lines)."""
+    line, _, body = source.partition("\n")
+    args = re.sub(r"\{([^{}]+)\}", lambda m: str(eval(m.group(1), namespace)), line).split()[1:]
+    append = args[:1] == ["-a"]
+    target = Path(" ".join(args[1:] if append else args))
+    print(f"{'Appending to' if append else 'Writing'} {target}")
+    with open(target, "a" if append else "w", encoding="utf-8") as f:
+        f.write(body if body.endswith("\n") else body + "\n")
+
+
 def run_chapter(path: Path, out_root: Path) -> dict:
     out_dir = out_root / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +128,10 @@ def run_chapter(path: Path, out_root: Path) -> dict:
             n_run += 1
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                    exec(compile(source, f"{path.name}:cell{i}", "exec"), namespace)
+                    if source.startswith("%%writefile"):
+                        write_file_magic(source, namespace)
+                    else:
+                        exec(compile(source, f"{path.name}:cell{i}", "exec"), namespace)
             except Exception:  # noqa: BLE001 - any error fails the chapter, as in the book build
                 if "raises-exception" in tags:
                     continue

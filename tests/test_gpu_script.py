@@ -45,3 +45,21 @@ def test_chapter_runner_fails_a_chapter_whose_assert_fails(tmp_path):
     assert proc.returncode == 1
     assert json.loads((tmp_path / "o" / "summary.json").read_text())[0]["status"] == "failed in cell 2"
     assert "x is not 2" in (tmp_path / "o" / "bad" / "log.txt").read_text()
+
+
+def test_chapter_runner_runs_writefile_cells(tmp_path):
+    """scaling_out.md writes its scripts with IPython's %%writefile magic; the runner does the same, {expr}
+    expanded in the chapter's namespace, so the GPU run can execute every chapter."""
+    md = tmp_path / "magic.md"
+    md.write_text("---\njupytext:\n  text_representation:\n    format_name: myst\n---\n# Magic\n\n"
+                  f"```{{code-cell}} ipython3\nwork = {str(tmp_path)!r}\n```\n\n"
+                  "```{code-cell} ipython3\n%%writefile {work}/script.py\nprint('hi')\n```\n\n"
+                  "```{code-cell} ipython3\n%%writefile -a {work}/script.py\nprint('again')\n```\n\n"
+                  "```{code-cell} ipython3\nimport subprocess, sys\nout = subprocess.run([sys.executable, "
+                  "f'{work}/script.py'], capture_output=True, text=True).stdout\n"
+                  "assert out == 'hi\\nagain\\n', out\n```\n")
+    proc = subprocess.run([sys.executable, "benchmarks/run_chapters.py", "--out", str(tmp_path / "o"), str(md)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "o" / "magic" / "log.txt").read_text()
+    assert proc.returncode == 0, log
+    assert f"Writing {tmp_path}/script.py" in log and f"Appending to {tmp_path}/script.py" in log
