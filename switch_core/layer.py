@@ -141,7 +141,10 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.d_model, None)
         h = self.w_in(x)
-        h = self.act(self.w_gate(x)) * h if self.gated else self.act(h)
+        if self.gated:
+            h = self.act(self.w_gate(x)) * h
+        else:  # ReLU in place, as the experts do: the matmul's output is not needed for its backward
+            h = F.relu(h, inplace=True) if self.activation == "relu" else self.act(h)
         return self.w_out(F.dropout(h, self.dropout, self.training))
 
 
