@@ -218,14 +218,19 @@ def machine(device: str) -> str:
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
-def git_commit() -> str:
-    """HEAD of the checkout holding this package ('+dirty' with uncommitted changes), or 'unknown'."""
-    here = Path(__file__).resolve().parent
+def git_commit(package: str | os.PathLike | None = None) -> str:
+    """HEAD of the checkout holding this package, or 'unknown' outside git. '+dirty' when a tracked file differs
+    from HEAD or the package folder holds an untracked (not ignored) file: code the runs would use that no commit
+    holds. Untracked files elsewhere (run folders, notes) leave it clean. package: the folder (default: this one)."""
+    here = Path(package) if package is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") or git("ls-files", "--others",
+                                                                              "--exclude-standard", "--", ".")
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

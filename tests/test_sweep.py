@@ -118,3 +118,35 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, singl
     assert max(int(r["step"]) for r in rows if r["run"] == "huge-lr-s1") < 6
     marker = json.loads((tmp_path / "runs" / "huge-lr-s1" / sweep.DONE).read_text())
     assert "step" in marker["diverged"]
+
+
+def test_git_commit_is_dirty_for_changed_code_not_for_stray_files(tmp_path):
+    """Provenance: '+dirty' when a tracked file changed or the package folder holds an untracked file; run folders
+    and notes beside the code leave the commit clean; outside git it is 'unknown'."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "mod.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("*.pyc\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert sweep.git_commit(pkg) == sha
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "metrics.csv").write_text("step\n")
+    (pkg / "mod.pyc").write_bytes(b"")  # ignored
+    assert sweep.git_commit(pkg) == sha
+    (pkg / "new.py").write_text("y = 2\n")
+    assert sweep.git_commit(pkg) == sha + "+dirty"
+    (pkg / "new.py").unlink()
+    (tmp_path / ".gitignore").write_text("*.pyc\nruns/\n")  # a tracked file changed
+    assert sweep.git_commit(pkg) == sha + "+dirty"
+    outside = tmp_path.parent / f"{tmp_path.name}-not-git"
+    outside.mkdir()
+    in_git = subprocess.run(["git", "rev-parse"], cwd=outside, capture_output=True).returncode == 0
+    assert in_git or sweep.git_commit(outside) == "unknown"
