@@ -288,17 +288,17 @@ class CheckpointError(ValueError):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "batch_rng", "step", "config")
 
 
-def read_checkpoint_file(path: Path) -> dict:
+def read_checkpoint_file(path: Path, mmap: bool = False) -> dict:
     """torch.load with weights_only=True (tensors and plain Python values only); CheckpointError naming the file
     and what is wrong for anything it cannot read. Never suggests weights_only=False: a file that needs it is
-    refused."""
+    refused. mmap: the tensors are mapped from the file and read only when used."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the file is refused or read, no need to warn
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
             what = "it holds objects other than tensors and plain values, which are refused"
@@ -312,10 +312,11 @@ def read_checkpoint_file(path: Path) -> dict:
     return obj
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """The checkpoint dict (tensors on CPU), checked to hold what `checkpoint_dict` saves. weights_only: it holds
-    only tensors and plain Python values. CheckpointError (a ValueError) names the file and what is wrong."""
-    return check_checkpoint(read_checkpoint_file(path), path)
+    only tensors and plain Python values. CheckpointError (a ValueError) names the file and what is wrong.
+    mmap: tensors are mapped from the file (see `read_checkpoint_file`)."""
+    return check_checkpoint(read_checkpoint_file(path, mmap), path)
 
 
 def check_checkpoint(obj: dict, path) -> dict:

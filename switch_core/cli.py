@@ -77,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         single = Path(args.out) / "checkpoint.pt"
         saved_at = next((p for p in (single, parallel.committed_shard_path(single, 0)) if p and p.exists()), None)
     if saved_at is not None:
-        saved = saved_config(load_checkpoint(saved_at), saved_at)
+        # Only the config is needed here: the weights are mapped from the file, not read.
+        saved = saved_config(load_checkpoint(saved_at, mmap=True), saved_at)
         return apply_overrides(saved, {**(PRESETS[args.preset] if args.preset else {}), **overrides})
     source = overrides.get("distill_from") or overrides.get("init_from")
     if source is not None:  # the model defaults to the teacher's dense twin / the fine-tuned run's model

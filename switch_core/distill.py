@@ -110,6 +110,18 @@ def load_run_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu
 
     FileNotFoundError / ValueError naming the file when the run directory, its checkpoint or its config is
     missing, unreadable or inconsistent."""
+    ckpt, cfg, ckpt_path = _read_run(run_dir)
+    model = SwitchLM(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{ckpt_path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.to(device)
+
+
+def _read_run(run_dir: str | os.PathLike, mmap: bool = False) -> tuple[dict, ModelConfig, Path]:
+    """(checkpoint dict, its model config, the checkpoint's path) of a run directory, checked as
+    `load_run_model` documents. mmap: tensors are mapped from the file, not read (for the config alone)."""
     run = Path(run_dir)
     ckpt_path = run / "checkpoint.pt"
     if not run.is_dir():
@@ -119,7 +131,7 @@ def load_run_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu
         hint = " (it holds an expert-parallel run: per-rank checkpoints)" if sharded else ""
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}{hint}")
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, mmap=mmap)
     except Exception as e:  # noqa: BLE001 (truncated file, not a zip, pickle error, ...)
         raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__})") from None
     try:
@@ -135,12 +147,7 @@ def load_run_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu
             raise ValueError(f"{config_json} is not a run config ({e})") from None
         if on_disk != cfg_dict:
             raise ValueError(f"{config_json} and {ckpt_path} describe different models")
-    model = SwitchLM(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{ckpt_path}: the weights do not fit its config ({str(e).splitlines()[0]})") from None
-    return model.to(device)
+    return ckpt, cfg, ckpt_path
 
 
 def init_from_run(model: SwitchLM, run_dir: str | os.PathLike, init_ffn: str = "fresh") -> list[str]:
@@ -165,8 +172,9 @@ def load_teacher(run_dir: str | os.PathLike, student_cfg: ModelConfig,
 
 
 def run_model_config(run_dir: str | os.PathLike) -> ModelConfig:
-    """The model config of a run directory (checkpoint.pt's, checked as `load_run_model` does)."""
-    return load_run_model(run_dir).cfg
+    """The model config of a run directory (checkpoint.pt's, checked as `load_run_model` does), read without
+    reading the weights (the file is memory-mapped) or building the model."""
+    return _read_run(run_dir, mmap=True)[1]
 
 
 def check_config(cfg) -> None:
