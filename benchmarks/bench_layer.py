@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shlex
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 
 import torch
 
 from switch_core import FeedForward, SwitchFeedForward
+from switch_core.sweep import git_commit, machine
 
 PRESETS = {
     "cpu": dict(tokens=8192, d_model=256, d_ff=1024, dtype="float32", rounds=7),
@@ -75,11 +77,12 @@ def main() -> None:
     T, D, F_ = p["tokens"], p["d_model"], p["d_ff"]
     torch.manual_seed(0)
     results = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine(),
+               "device": machine(dev), "commit": git_commit(), "command": shlex.join(["python", *sys.argv]),
                "threads": torch.get_num_threads(), "tokens": T, "d_model": D, "d_ff": F_, "dtype": p["dtype"],
                "capacity_factor": args.capacity_factor, "rounds": rounds, "rows": []}
-    print(f"# {results['when']}  torch {results['torch']}  {results['device']}  {dev} {p['dtype']}  "
-          f"T={T} d_model={D} d_ff={F_} CF={args.capacity_factor}  median of {rounds} interleaved rounds")
+    print(f"# {results['when']}  torch {results['torch']}  {results['device']}  commit {results['commit']}\n"
+          f"# {results['command']}\n# {dev} {p['dtype']}  T={T} d_model={D} d_ff={F_} CF={args.capacity_factor}  "
+          f"{results['threads']} threads  median of {rounds} interleaved rounds")
     x = torch.randn(T // 16, 16, D, device=dev, dtype=dtype)
     for E in [int(e) for e in args.experts.split(",")]:
         dense = FeedForward(D, F_).to(dev, dtype)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shlex
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from switch_core.layer import SwitchFeedForward
+from switch_core.sweep import git_commit, machine
 from switch_core.model import SwitchLM
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
 
@@ -189,16 +191,18 @@ def main() -> None:
     if bad:
         ap.error(f"--configs: unknown {', '.join(bad)} (choose from {', '.join(CONFIGS)})")
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    print(f"# {when}  torch {torch.__version__}  {dev_name}  {torch.get_num_threads()} threads  "
+    dev_name, commit, command = machine(args.device), git_commit(), shlex.join(["python", *sys.argv])
+    print(f"# {when}  torch {torch.__version__}  {dev_name}  commit {commit}\n# {command}\n"
+          f"# {torch.get_num_threads()} threads  "
           f"median of {args.rounds} interleaved rounds x {args.steps_per_round} steps")
     rows = []
     for name in names:
         rows += bench(name, device, args.rounds, args.steps_per_round, not args.no_peers, args.compile)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(when=when, torch=torch.__version__, device=dev_name, threads=torch.get_num_threads(),
-                           rounds=args.rounds, steps_per_round=args.steps_per_round, rows=rows), f, indent=2)
+            json.dump(dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
+                           threads=torch.get_num_threads(), rounds=args.rounds, steps_per_round=args.steps_per_round,
+                           rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
