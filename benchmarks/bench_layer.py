@@ -61,6 +61,17 @@ def time_fwd_bwd(fn, x: torch.Tensor, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def round_ratios(times: list[float], dense: list[float]) -> list[float]:
+    """Quartiles [25 %, 50 %, 75 %] of the per-round ratios times[r] / dense[r]. Each round times every layer back
+    to back, so a ratio within a round sees the machine in one state; their spread shows how far to trust the
+    ratio of medians on a shared machine."""
+    ratios = [t / d for t, d in zip(times, dense)]
+    if len(ratios) < 2:
+        return [ratios[0]] * 3
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q2, q3]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -112,11 +123,13 @@ def main() -> None:
                 m.zero_grad(set_to_none=True)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         print(f"\n{E} experts  (auto -> {resolved})")
-        print(f"  {'layer':34s} {'median ms':>10s} {'ratio to dense':>15s}")
+        print(f"  {'layer':34s} {'median ms':>10s} {'ratio to dense':>15s}   {'per round: median [IQR]':s}")
         for name, m in med.items():
             ratio = m / med["dense FeedForward"]
-            print(f"  {name:34s} {1e3 * m:10.1f} {ratio:15.2f}x")
-            results["rows"].append({"experts": E, "layer": name, "median_ms": 1e3 * m, "ratio_to_dense": ratio})
+            q = round_ratios(times[name], times["dense FeedForward"])
+            print(f"  {name:34s} {1e3 * m:10.1f} {ratio:15.2f}x   {q[1]:.2f}x [{q[0]:.2f}-{q[2]:.2f}]")
+            results["rows"].append({"experts": E, "layer": name, "median_ms": 1e3 * m, "ratio_to_dense": ratio,
+                                    "round_ratio_quartiles": q})
         if "switch auto, steps" in med:
             print(f"  auto fused / auto steps: {med['switch auto'] / med['switch auto, steps']:.2f}x")
         if dev == "cuda":

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from switch_core.layer import SwitchFeedForward
-from switch_core.sweep import git_commit, machine
 from switch_core.model import SwitchLM
+from switch_core.sweep import git_commit, machine
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
+
+from bench_layer import round_ratios  # benchmarks/ is on sys.path: this file runs as a script
 
 # name -> flat config overrides (ModelConfig / TrainConfig fields) for the Switch model; the dense twin sets
 # switch_every=0. "labml" is labml's experiment config (experiment.py: 6 x d128, 4 heads, d_ff 256, 4 experts in
@@ -138,13 +140,15 @@ def bench(name: str, device: torch.device, rounds: int, steps_per_round: int, pe
     tps = {k: runs[k][1] / med[k] for k in runs}
     cfg = ", ".join(f"{k}={v}" for k, v in o.items())
     print(f"\n{name}: {cfg}")
-    print(f"  {'model':30s} {'ms/step':>9s} {'tokens/s':>10s} {'÷ dense':>8s}")
+    print(f"  {'model':30s} {'ms/step':>9s} {'tokens/s':>10s} {'÷ dense':>8s}   per round: median [IQR]")
     rows = []
     for k in runs:
         dense_key = "dense SwitchLM, compiled" if k.endswith("compiled") else "dense SwitchLM"
         ratio = tps[k] / tps[dense_key]
-        print(f"  {k:30s} {1e3 * med[k]:9.2f} {tps[k]:10,.0f} {ratio:7.2f}x")
-        rows.append(dict(config=name, model=k, ms_per_step=1e3 * med[k], tokens_per_s=tps[k], ratio_to_dense=ratio))
+        q = round_ratios(times[dense_key], times[k])  # tokens/s ratio = dense time / this time
+        print(f"  {k:30s} {1e3 * med[k]:9.2f} {tps[k]:10,.0f} {ratio:7.2f}x   {q[1]:.2f}x [{q[0]:.2f}-{q[2]:.2f}]")
+        rows.append(dict(config=name, model=k, ms_per_step=1e3 * med[k], tokens_per_s=tps[k], ratio_to_dense=ratio,
+                         round_ratio_quartiles=q))
     if compile_model:  # what a user gets by picking the faster mode of each
         best = {m: max((k for k in tps if k.startswith(m)), key=tps.get) for m in ("dense", "Switch")}
         print(f"  best Switch ({best['Switch']}) / best dense ({best['dense']}): "
