@@ -236,7 +236,7 @@ class SwitchFeedForward(nn.Module):
         neither input jitter nor expert dropout in training. Set ``fuse_cpu = False`` on the layer to always run
         the steps (the results are the same)."""
         T = x.shape[:-1].numel()
-        return (getattr(self, "fuse_cpu", True) and x.device.type == "cpu" and token_mask is None and T > 0
+        return (self.fuse_cpu and x.device.type == "cpu" and token_mask is None and T > 0
                 and self.top_k == 1 and self.drop_policy == "position" and self.backend in ("auto", "grouped")
                 and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64)
                 and compute_dtype(x) == x.dtype and self.router.router_dtype == "float32"
