@@ -20,8 +20,24 @@ import torch
 from torch import Tensor
 
 from .experts import sorted_ffn_backward, sorted_ffn_forward
-from .losses import balance_loss, z_loss
-from .router import top1_softmax, top1_softmax_backward
+from .router import top1_softmax
+
+
+def _logits_grad(probs_ET: Tensor, expert_T: Tensor, gg_T: Tensor, g_p: Tensor | None,
+                 g_lse_T: Tensor | None) -> Tensor:
+    """`router.top1_softmax_backward` in fewer ops, for the fused backward: gg_T [T] is g_gate · gate, g_p is
+    [E, 1] (the balance loss's), [E, T] or None, g_lse_T [T] or None. Returns
+    g_l = p ⊙ (g_p - c) + onehot(expert) · gg  with  c = <p, g_p> + gg - g_lse  ([E, T])."""
+    if g_p is None:
+        c_T = gg_T.clone()
+    elif g_p.shape[1] == 1:
+        c_T = torch.addmv(gg_T, probs_ET.t(), g_p[:, 0])
+    else:
+        c_T = (probs_ET * g_p).sum(dim=0).add_(gg_T)
+    if g_lse_T is not None:
+        c_T.sub_(g_lse_T)
+    g_ET = probs_ET * (c_T.neg_() if g_p is None else g_p - c_T)
+    return g_ET.scatter_add_(0, expert_T[None], gg_T[None])
 
 
 class SwitchCPU(torch.autograd.Function):
@@ -59,12 +75,12 @@ class SwitchCPU(torch.autograd.Function):
         row_T = torch.full((T,), S, dtype=torch.long)
         row_T[tok_S] = torch.arange(S)
         y_TD = ys_S1D.index_select(0, row_T)
-        # The losses of losses.py (their backward is below: f is the counts, the z-loss squares lse).
-        balance = balance_loss(probs_ET.t(), expert_T)
-        z = z_loss(logits_ET.t(), None, lse_T)
+        # The losses of losses.py, from what is on hand: balance = E/T² Σ_i f_i Σ_t p_it (f: the counts), z =
+        # mean lse². Their backward is below.
         f_E = counts_E.to(probs_ET.dtype)
-        n = torch.full((), float(T))
-        dropped = (n - S) / n
+        balance = torch.dot(f_E, probs_ET.sum(dim=1)) * (E / T ** 2)
+        z = torch.dot(lse_T, lse_T) / T
+        dropped = torch.tensor((T - S) / T, dtype=torch.float32)
         kept_E = torch.tensor(kept)
         ctx.mark_non_differentiable(expert_T, counts_E, kept_E, dropped)
         ctx.set_materialize_grads(False)
@@ -81,26 +97,26 @@ class SwitchCPU(torch.autograd.Function):
         T, E, S = x_TD.shape[0], w_r.shape[0], xs_SD.shape[0]
         if g_TD is None:
             g_TD = torch.zeros_like(x_TD)
-        # Experts: the gradient of each kept token's expert output is gate · g_y; the gate's is <g_y, E_i(x)>,
-        # read off the stored gate · E_i(x) (a top-1 gate is >= 1/E: the division is safe).
+        # Experts: the gradient of each kept token's expert output is gate · g_y. The gate's, times the gate (the
+        # form the softmax's backward takes), is <g_y, gate · E_i(x)>: a dot with the stored rows.
         g_SD = g_TD.index_select(0, tok_S)
-        g_gate_S = torch.linalg.vecdot(g_SD, ys[:S]) / gate_S
+        gg_S = torch.linalg.vecdot(g_SD, ys[:S])
         g_SD.mul_(gate_S[:, None])
         need = ctx.needs_input_grad
         g_xs_S1D, g_in, g_out = sorted_ffn_backward(xs_SD, g_SD, w_in, w_out, ctx.kept, ctx.activation, saved,
                                                     need[0])
         # Router: the gates' gradient (0 for dropped tokens), the balance loss's (through P only: f is a count)
         # and the z-loss's (through the logsumexp), back through the softmax to the logits.
-        g_gate_total = torch.zeros_like(gate_T).index_copy_(0, tok_S, g_gate_S)
+        gg_T = torch.zeros_like(gate_T).index_copy_(0, tok_S, gg_S)
         if g_gate_T is not None:
-            g_gate_total = g_gate_total + g_gate_T
+            gg_T.addcmul_(g_gate_T, gate_T)
         g_p = None if g_balance is None else (g_balance * (E / T ** 2) * f_E)[:, None]
         if g_probs_ET is not None:
             g_p = g_probs_ET if g_p is None else g_p + g_probs_ET
-        g_lse = None if g_z is None else (g_z / T) * (2 * lse_T)
-        g_ET = top1_softmax_backward(probs_ET, gate_T, expert_T, g_p, g_gate_total, g_lse)
+        g_lse = None if g_z is None else lse_T * (g_z * (2 / T))
+        g_ET = _logits_grad(probs_ET, expert_T, gg_T, g_p, g_lse)
         if g_logits_ET is not None:
-            g_ET = g_ET + g_logits_ET
+            g_ET += g_logits_ET
         g_x = None
         if need[0]:  # the experts' share of x's gradient, and the router's added in place
             g_x = g_xs_S1D.index_select(0, row_T).addmm_(g_ET.t(), w_r)
