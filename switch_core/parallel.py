@@ -10,8 +10,9 @@ Rank r holds experts [r·E/W, (r+1)·E/W). The router and every non-expert param
 data-parallel (gradients averaged); expert gradients already hold every rank's tokens, so they are only scaled
 by 1/W to match the averaged loss. The single-device layer is not edited: `shard_experts` swaps its `Experts`
 for :class:`ExpertParallelExperts`, whose forward returns the same [A, D] rows the local backends return.
-The sharded checkpoint of such a run is `sharded_checkpoint`'s (its functions are importable from here too);
-these two are the only modules that touch ``torch.distributed``.
+Joining and leaving the process group is `process_group`'s, the sharded checkpoint of such a run
+`sharded_checkpoint`'s (the functions of both are importable from here too); these three are the only modules that
+touch ``torch.distributed``.
 
 Shape legend: T tokens on this rank, K = top_k, A = T·K, E experts in all, L = E/W local experts, W ranks,
 S rows this rank sends (kept assignments), R rows it receives, D = d_model.
@@ -19,8 +20,6 @@ S rows this rank sends (kept assignments), R rows it receives, D = d_model.
 from __future__ import annotations
 
 import copy
-import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,6 +28,8 @@ from torch import Tensor, nn
 from .capacity import Dispatch
 from .experts import Experts
 from .layer import SwitchFeedForward
+from .process_group import (LAUNCHER_ENV, barrier, check_device, check_group, group_source, setup_distributed,
+                            teardown_distributed)
 from .sharded_checkpoint import (committed_shard_path, load_sharded_checkpoint, marker_path, rank_checkpoint_path,
                                  read_marker, save_sharded_checkpoint, shard_path)
 
@@ -37,80 +38,11 @@ __all__ = [
     "ExpertParallelExperts", "ExpertParallelSwitch", "shard_experts", "shard_model_experts", "is_expert_parameter",
     "expert_parameters", "dense_parameters", "allreduce_dense_gradients", "scale_expert_gradients",
     "sync_gradients", "clip_grad_norm_", "all_reduce_mean", "gather_full_state_dict",
-    # the sharded checkpoint (sharded_checkpoint.py), importable from here as before
+    # joining the group (process_group.py) and the sharded checkpoint (sharded_checkpoint.py), importable from here
     "rank_checkpoint_path", "shard_path", "marker_path", "read_marker", "committed_shard_path",
     "save_sharded_checkpoint", "load_sharded_checkpoint",
 ]
 EXPERT_PARAMS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
-# Device types each backend can move tensors of (all_to_all on gloo is CPU-only).
-_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",)}
-
-
-# --------------------------------------------------------------------------------------------- checks
-def _check_group(group) -> tuple[int, int]:
-    """(rank, world size) in the group; RuntimeError when no process group is initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("expert parallelism needs an initialised process group: call "
-                           "torch.distributed.init_process_group (e.g. under torchrun) first")
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _check_device(device: torch.device, group) -> None:
-    """ValueError when the group's backend cannot run all_to_all on tensors of this device."""
-    backend = str(dist.get_backend(group)).lower()
-    if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl": one backend per device type
-        ok = [pair.split(":")[0] for pair in backend.split(",")]
-    else:
-        ok = _BACKEND_DEVICES.get(backend)
-    if ok is not None and device.type not in ok:
-        raise ValueError(f"the layer is on {device} but the process group's backend {backend!r} runs all_to_all "
-                         f"on {'/'.join(ok)} tensors only: move the model (e.g. CUDA with nccl, CPU with gloo)")
-
-
-def _comm_device(group) -> torch.device:
-    """Where small bookkeeping tensors must live for this group's backend (NCCL only moves CUDA tensors)."""
-    backend = str(dist.get_backend(group)).lower()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def _src(group) -> int:
-    """Global rank of the group's first rank (the source of broadcasts)."""
-    return 0 if group is None else dist.get_global_rank(group, 0)
-
-
-# ------------------------------------------------------------------------------------------ the process group
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def setup_distributed(device: str | torch.device = "auto", timeout_s: float = 600.0) -> tuple[torch.device, int, int]:
-    """Join the process group that torchrun describes in the environment; returns (device, rank, world_size).
-
-    CUDA: the NCCL backend on this process's GPU, cuda:LOCAL_RANK. CPU: gloo. RuntimeError when the process was
-    not started by a launcher (e.g. ``torchrun --nproc_per_node=2 ...``)."""
-    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"expert parallelism needs one process per rank, started by torchrun "
-                           f"(e.g. torchrun --nproc_per_node=2 ...); {', '.join(missing)} not set")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" \
-        else torch.device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def barrier(group=None) -> None:
-    """Wait until every rank of the group gets here."""
-    _check_group(group)
-    dist.barrier(group=group)
-
-
-def teardown_distributed() -> None:
-    """Leave the process group (at the end of a run)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------- all-to-all in autograd
@@ -168,7 +100,7 @@ class ExpertParallelExperts(Experts):
     ``forward`` (inherited) combines them with the gates."""
 
     def __init__(self, experts: Experts, group=None):
-        rank, world = _check_group(group)
+        rank, world = check_group(group)
         E = experts.n_experts
         if E % world:
             raise ValueError(f"n_experts ({E}) must be divisible by the process group's world size ({world})")
@@ -240,7 +172,7 @@ class ExpertParallelSwitch(SwitchFeedForward):
                 setattr(self, k, v)
         self.router = copy.deepcopy(layer.router)
         for p in self.router.parameters():  # replicated: every rank routes with rank 0's router
-            dist.broadcast(p.data, src=_src(group), group=group)
+            dist.broadcast(p.data, src=group_source(group), group=group)
         self.experts = ExpertParallelExperts(layer.experts, group)
         self.train(layer.training)
 
@@ -255,11 +187,11 @@ def shard_experts(layer: SwitchFeedForward, group=None) -> ExpertParallelSwitch:
         raise TypeError(f"shard_experts needs a SwitchFeedForward, got {type(layer).__name__}")
     if isinstance(layer, ExpertParallelSwitch):
         raise TypeError("this layer is already expert-parallel")
-    _, world = _check_group(group)
+    _, world = check_group(group)
     if layer.n_experts % world:
         raise ValueError(f"n_experts ({layer.n_experts}) must be divisible by the process group's world size "
                          f"({world})")
-    _check_device(layer.router.weight.device, group)
+    check_device(layer.router.weight.device, group)
     return ExpertParallelSwitch(layer, group)
 
 
@@ -267,7 +199,7 @@ def shard_experts(layer: SwitchFeedForward, group=None) -> ExpertParallelSwitch:
 def shard_model_experts(model: nn.Module, group=None) -> nn.Module:
     """Replace every SwitchFeedForward in ``model`` by its expert-parallel version, in place, and broadcast every
     other parameter and buffer from the group's first rank (they are replicated). Returns ``model``."""
-    _check_group(group)
+    check_group(group)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, SwitchFeedForward) and not isinstance(m, ExpertParallelSwitch)]
     if not targets:
@@ -278,7 +210,7 @@ def shard_model_experts(model: nn.Module, group=None) -> nn.Module:
         setattr(parent, child, shard_experts(layer, group))
     with torch.no_grad():
         for _, t in [*dense_parameters(model), *model.named_buffers()]:
-            dist.broadcast(t.data, src=_src(group), group=group)
+            dist.broadcast(t.data, src=group_source(group), group=group)
     return model
 
 
@@ -300,7 +232,7 @@ def dense_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def allreduce_dense_gradients(model: nn.Module, group=None) -> None:
     """Average the gradients of the replicated parameters across ranks (data parallelism). One flat all-reduce."""
-    _, world = _check_group(group)
+    _, world = check_group(group)
     grads = [p.grad for _, p in dense_parameters(model) if p.grad is not None]
     if not grads:
         return
@@ -314,7 +246,7 @@ def allreduce_dense_gradients(model: nn.Module, group=None) -> None:
 def scale_expert_gradients(model: nn.Module, group=None) -> None:
     """Divide expert gradients by W: they already sum every rank's tokens (the all-to-all brought them), so this
     makes them the gradient of the loss averaged over ranks, like the dense ones."""
-    _, world = _check_group(group)
+    _, world = check_group(group)
     for _, p in expert_parameters(model):
         if p.grad is not None:
             p.grad.div_(world)
@@ -331,7 +263,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> Tensor:
 
     Dense gradients are equal on every rank after ``sync_gradients``; expert norms are summed over ranks, so every
     rank clips by the same factor (a local ``clip_grad_norm_`` would let the replicas drift apart)."""
-    _check_group(group)
+    check_group(group)
 
     def sq(params):
         gs = [p.grad.detach().float().square().sum() for _, p in params if p.grad is not None]
@@ -352,7 +284,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> Tensor:
 def all_reduce_mean(value: Tensor, group=None) -> Tensor:
     """The mean of a tensor over the ranks (a copy). For logged losses and for NaN guards that every rank must
     decide alike (a rank that stops alone leaves the others waiting in the next all-to-all)."""
-    _, world = _check_group(group)
+    _, world = check_group(group)
     out = value.detach().clone()
     dist.all_reduce(out, group=group)
     return out / world
@@ -361,7 +293,7 @@ def all_reduce_mean(value: Tensor, group=None) -> Tensor:
 def gather_full_state_dict(model: nn.Module, group=None) -> dict[str, Tensor]:
     """The unsharded model's state_dict, on every rank (CPU copies): expert shards all-gathered along the expert
     dimension, everything else as is. Loads into the single-device model (for sampling, export, evaluation)."""
-    _, world = _check_group(group)
+    _, world = check_group(group)
     experts = {n for n, _ in expert_parameters(model)}
     full = {}
     for name, t in model.state_dict().items():

@@ -5,7 +5,7 @@ Every rank writes its own shard ``checkpoint.step{S}.rank{r}.pt`` (its expert sh
 RNG, the step); once all are written, rank 0 writes the commit marker ``checkpoint.shards.json``
 (``{"step": S, "world_size": W}``); then each rank deletes its other shards. A resume reads the marker's step
 only. The per-rank layout before commit markers, ``checkpoint.rank{r}.pt``, is still read. `parallel` re-exports
-these functions; with `parallel` this is the only module that touches ``torch.distributed``.
+these functions; with `parallel` and `process_group`, the only modules that touch ``torch.distributed``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .process_group import check_group, comm_device
 
 
 def rank_checkpoint_path(path: str | os.PathLike, rank: int) -> Path:
@@ -70,9 +72,8 @@ def save_sharded_checkpoint(path: str | os.PathLike, state: dict, group=None) ->
     A crash anywhere leaves the previous marker and its complete set of shards, so a resume always finds one
     consistent step. The layout (rank, world size) is stored in each shard."""
     from .checkpoint import fault_point, save_file
-    from .parallel import _check_group
 
-    rank, world = _check_group(group)
+    rank, world = check_group(group)
     step = int(state.get("step", 0))
     target = shard_path(path, step, rank)
     save_file({**state, "expert_parallel": {"rank": rank, "world_size": world}}, target,
@@ -100,9 +101,8 @@ def load_sharded_checkpoint(path: str | os.PathLike, group=None) -> dict:
     CPU): the step the commit marker names; shards of other steps are ignored. Refuses another world size and a
     set whose shards disagree. Call on every rank."""
     from .checkpoint import CheckpointError, check_checkpoint, read_checkpoint_file
-    from .parallel import _check_group, _comm_device
 
-    rank, world = _check_group(group)
+    rank, world = check_group(group)
     error = None
     try:
         info = read_marker(path)
@@ -119,7 +119,7 @@ def load_sharded_checkpoint(path: str | os.PathLike, group=None) -> dict:
             raise CheckpointError(f"{target} holds step {state.get('step')!r}, not the committed step {info['step']}")
     except (ValueError, OSError) as e:
         error, state = e, None
-    dev = _comm_device(group)
+    dev = comm_device(group)
     ok = torch.tensor([error is None], dtype=torch.long, device=dev)
     step = torch.tensor([-1 if state is None else int(state.get("step", 0))], dtype=torch.long, device=dev)
     steps = [torch.zeros_like(step) for _ in range(world)]
