@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 from switch_core import FeedForward, SwitchFeedForward
+from switch_core.runtime import tune_cpu_allocator
 from switch_core.sweep import git_commit, machine
 
 PRESETS = {
@@ -72,6 +73,14 @@ def round_ratios(times: list[float], dense: list[float]) -> list[float]:
     return [q1, q2, q3]
 
 
+def allocator_setting(device: str, default: bool) -> str:
+    """Tune glibc malloc for the CPU run (`runtime.tune_cpu_allocator`, the same for every candidate) unless
+    default; returns how malloc ran, for the results' header."""
+    if device != "cpu" or default:
+        return "default"
+    return "tuned (tune_cpu_allocator)" if tune_cpu_allocator() else "default (tuning unavailable)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -81,19 +90,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true", help="skip the Hugging Face layer")
     ap.add_argument("--json", default=None, help="write the results to this file as well")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
     p = dict(PRESETS["quick" if args.quick else args.device])
     rounds = args.rounds or p["rounds"]
     dev, dtype = args.device, getattr(torch, p["dtype"])
     T, D, F_ = p["tokens"], p["d_model"], p["d_ff"]
     torch.manual_seed(0)
+    allocator = allocator_setting(dev, args.default_allocator)
     results = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
                "device": machine(dev), "commit": git_commit(), "command": shlex.join(["python", *sys.argv]),
-               "threads": torch.get_num_threads(), "tokens": T, "d_model": D, "d_ff": F_, "dtype": p["dtype"],
+               "threads": torch.get_num_threads(), "cpu_allocator": allocator, "tokens": T, "d_model": D, "d_ff": F_,
+               "dtype": p["dtype"],
                "capacity_factor": args.capacity_factor, "rounds": rounds, "rows": []}
     print(f"# {results['when']}  torch {results['torch']}  {results['device']}  commit {results['commit']}\n"
           f"# {results['command']}\n# {dev} {p['dtype']}  T={T} d_model={D} d_ff={F_} CF={args.capacity_factor}  "
-          f"{results['threads']} threads  median of {rounds} interleaved rounds")
+          f"{results['threads']} threads  malloc {allocator}  median of {rounds} interleaved rounds")
     x = torch.randn(T // 16, 16, D, device=dev, dtype=dtype)
     for E in [int(e) for e in args.experts.split(",")]:
         dense = FeedForward(D, F_).to(dev, dtype)

@@ -29,7 +29,7 @@ from switch_core.model import SwitchLM
 from switch_core.sweep import git_commit, machine
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
 
-from bench_layer import round_ratios  # benchmarks/ is on sys.path: this file runs as a script
+from bench_layer import allocator_setting, round_ratios  # benchmarks/ is on sys.path: this file runs as a script
 
 # name -> flat config overrides (ModelConfig / TrainConfig fields) for the Switch model; the dense twin sets
 # switch_every=0. "labml" is labml's experiment config (experiment.py: 6 x d128, 4 heads, d_ff 256, 4 experts in
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (padded backend)")
     ap.add_argument("--profile", default=None, metavar="CONFIG", help="profile the Switch model instead")
     ap.add_argument("--json", default=None, help="write the results to this file as well")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -196,8 +198,9 @@ def main() -> None:
         ap.error(f"--configs: unknown {', '.join(bad)} (choose from {', '.join(CONFIGS)})")
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     dev_name, commit, command = machine(args.device), git_commit(), shlex.join(["python", *sys.argv])
+    allocator = allocator_setting(args.device, args.default_allocator)
     print(f"# {when}  torch {torch.__version__}  {dev_name}  commit {commit}\n# {command}\n"
-          f"# {torch.get_num_threads()} threads  "
+          f"# {torch.get_num_threads()} threads  malloc {allocator}  "
           f"median of {args.rounds} interleaved rounds x {args.steps_per_round} steps")
     rows = []
     for name in names:
@@ -205,7 +208,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
-                           threads=torch.get_num_threads(), rounds=args.rounds, steps_per_round=args.steps_per_round,
+                           threads=torch.get_num_threads(), cpu_allocator=allocator, rounds=args.rounds,
+                           steps_per_round=args.steps_per_round,
                            rows=rows), f, indent=2)
 
 
