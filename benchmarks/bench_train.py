@@ -9,6 +9,7 @@ experiment's config.
     python benchmarks/bench_train.py                       # CPU fp32: labml's config and the 2 x d64 config
     python benchmarks/bench_train.py --device cuda         # bf16 autocast, the trainer's gpu preset sizes
     python benchmarks/bench_train.py --profile small       # where a Switch step's time goes (torch.profiler)
+    python benchmarks/bench_train.py --phases              # the step's phases and FFNs, dense vs Switch (CPU)
     python benchmarks/bench_train.py --json out.json       # also write the numbers
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from switch_core.sweep import git_commit, machine
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
 
 from bench_layer import allocator_setting, round_ratios  # benchmarks/ is on sys.path: this file runs as a script
+from step_phases import phases
 
 # name -> flat config overrides (ModelConfig / TrainConfig fields) for the Switch model; the dense twin sets
 # switch_every=0. "labml" is labml's experiment config (experiment.py: 6 x d128, 4 heads, d_ff 256, 4 experts in
@@ -182,14 +184,19 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="skip labml's model")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (padded backend)")
     ap.add_argument("--profile", default=None, metavar="CONFIG", help="profile the Switch model instead")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the step's phases and every FFN inside it, dense vs Switch, instead (CPU)")
     ap.add_argument("--json", default=None, help="write the results to this file as well")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.phases and args.device != "cpu":
+        ap.error("--phases times host wall clock: CPU only")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
     if args.profile:
+        allocator_setting(args.device, args.default_allocator)
         profile(args.profile, device)
         return
     names = (args.configs or ("gpu" if args.device == "cuda" else "labml,small")).split(",")
@@ -204,7 +211,8 @@ def main() -> None:
           f"median of {args.rounds} interleaved rounds x {args.steps_per_round} steps")
     rows = []
     for name in names:
-        rows += bench(name, device, args.rounds, args.steps_per_round, not args.no_peers, args.compile)
+        rows += (phases(name, CONFIGS[name], args.rounds, args.steps_per_round) if args.phases else
+                 bench(name, device, args.rounds, args.steps_per_round, not args.no_peers, args.compile))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
