@@ -1,12 +1,12 @@
 """switch_core: the Switch Transformer (Fedus, Zoph, Shazeer 2021), annotated.
 
 Modules, one idea each: ``router`` (eq. 1), ``capacity`` (eq. 3 and token dropping), ``experts`` (stacked FFNs and
-three backends), ``losses`` (load balancing eq. 4, router z-loss), ``layer`` (the Switch layer, Fig. 2),
-``model`` (a character language model), ``data`` (Tiny Shakespeare), ``train`` (the training loop; its ``config``,
-``runtime`` and command line ``cli``: ``python -m switch_core.train``), ``parallel`` (expert parallelism on
-torch.distributed; its checkpoint in ``sharded_checkpoint``, its process group in ``process_group``), ``sizing``
-(the paper's Table 9 models: parameters, FLOPs and memory per device, computed), ``distill`` (a Switch teacher
-distilled into its FLOP-matched dense twin, and fine-tuning from a run, §4).
+three backends; the grouped one's matmuls in ``segment_mm``), ``losses`` (load balancing eq. 4, router z-loss),
+``layer`` (the Switch layer, Fig. 2), ``model`` (a character language model), ``data`` (Tiny Shakespeare), ``train``
+(the training loop; its ``config``, ``runtime`` and command line ``cli``: ``python -m switch_core.train``),
+``parallel`` (expert parallelism on torch.distributed; its checkpoint in ``sharded_checkpoint``, its process group
+in ``process_group``), ``sizing`` (the paper's Table 9 models: parameters, FLOPs and memory per device, computed),
+``distill`` (a Switch teacher distilled into its FLOP-matched dense twin, and fine-tuning from a run, §4).
 """
 from .capacity import DROP_POLICIES, Dispatch, dispatch, expert_capacity
 from .data import CharData, CharTokenizer, get_batch, load_char_data, load_tiny_shakespeare

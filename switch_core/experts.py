@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .capacity import Dispatch
 from .init import truncated_normal_
+from .segment_mm import SegmentMM, segment_mm
 
 # name -> (activation function, gated?)
 ACTIVATIONS = {
@@ -86,38 +87,6 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
-
-
-def _segments(bounds: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) for every expert with rows; bounds: E + 1 cumulative row boundaries."""
-    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
-
-
-class _SegmentMM(torch.autograd.Function):
-    """A grouped matmul as one matmul per expert segment: rows bounds[e]:bounds[e+1] times w[e]; rows past
-    bounds[-1] give zeros. Backward writes each expert's weight gradient straight into its slice of one [E, D, F]
-    buffer (no per-expert gradient tensors to stack). x_SD [S, D], w_EDF [E, D, F], bounds: E + 1 python ints."""
-
-    @staticmethod
-    def forward(ctx, x_SD: Tensor, w_EDF: Tensor, bounds: list[int]) -> Tensor:
-        ctx.save_for_backward(x_SD, w_EDF)
-        ctx.segments = _segments(bounds)
-        y_SF = x_SD.new_zeros(x_SD.shape[0], w_EDF.shape[2])
-        for e, a, b in ctx.segments:
-            torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
-        return y_SF
-
-    @staticmethod
-    def backward(ctx, g_SF: Tensor):
-        x_SD, w_EDF = ctx.saved_tensors
-        g_x = torch.zeros_like(x_SD) if ctx.needs_input_grad[0] else None
-        g_w = torch.zeros_like(w_EDF) if ctx.needs_input_grad[1] else None
-        for e, a, b in ctx.segments:
-            if g_x is not None:
-                torch.mm(g_SF[a:b], w_EDF[e].T, out=g_x[a:b])
-            if g_w is not None:
-                torch.mm(x_SD[a:b].T, g_SF[a:b], out=g_w[e])
-        return g_x, g_w, None
 
 
 # name -> backward of the activation: (grad of h, pre-activation, activation) -> grad of the pre-activation
@@ -250,8 +219,11 @@ def _gmm(x_SD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
         offs_E = torch.cat([offs_E[:-1], offs_E.new_full((1,), x_SD.shape[0])])
         return _ContiguousGrad.apply(_grouped_mm(x_SD, w_EDF, offs=offs_E))
     # NOTE: on the CPU (where it beats grouped_mm and a host sync is free) and for builds, dtypes or sizes without
-    # grouped_mm: one matmul per expert segment. `tolist()` is a host-device sync on an accelerator.
-    return _SegmentMM.apply(x_SD, w_EDF, [0] + offs_E.tolist())
+    # grouped_mm: one matmul per expert segment. The offsets come to the host: a sync on an accelerator. Compiled,
+    # a custom op does it (torch.compile traces it as one op; see segment_mm.py); eager, an autograd node.
+    if torch.compiler.is_compiling():
+        return segment_mm(x_SD, w_EDF, offs_E)
+    return SegmentMM.apply(x_SD, w_EDF, [0] + offs_E.tolist())
 
 
 class Experts(nn.Module):
@@ -332,8 +304,10 @@ class Experts(nn.Module):
         return combine(self.expert_rows(x_TD, d, backend), gates_A, d)
 
     def _cpu_fast_path(self, x_TD: Tensor) -> bool:
+        # NOTE: eager only: it reads the rows per expert on the host, which torch.compile cannot trace; compiled,
+        # the grouped backend runs `_grouped` (segment_mm, a custom op, reads them inside itself).
         return (x_TD.device.type == "cpu" and not self.gated and self.b_in is None
-                and not (self.training and self.expert_dropout > 0))
+                and not (self.training and self.expert_dropout > 0) and not torch.compiler.is_compiling())
 
     def expert_rows(self, x_TD: Tensor, d: Dispatch, backend: str) -> Tensor:
         """expert(x) for every assignment: x_TD [T, D] -> [A, D] in x's dtype; row a = t·K + k.

@@ -216,8 +216,9 @@ class SwitchFeedForward(nn.Module):
         torch build has grouped_mm for x's device and compute dtype at these sizes (16-byte aligned); otherwise
         "padded" (static shapes, no sync), except when dropless: a padded buffer would then hold T rows per
         expert, so the grouped layout with per-expert matmuls is used instead. Under torch.compile on the CPU,
-        "padded" whenever there is a capacity: its static shapes trace into one graph, where the CPU grouped path
-        reads its segment sizes on the host (a graph break)."""
+        "padded" whenever there is a capacity: both layouts trace into one graph there (the grouped one through the
+        `segment_mm` custom op), and the padded one, though it multiplies capacity-factor times the rows, ran as
+        fast in the compiled training step (0.80x against 0.79x of the compiled dense step, twice, on 2 cores)."""
         if self.backend != "auto":
             return self.backend
         dropless = (self.capacity_factor if self.training else self.eval_capacity_factor) is None
