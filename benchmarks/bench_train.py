@@ -6,7 +6,7 @@ model in turn; the median step time over the rounds gives tokens/s, and the rati
 Switch Transformer, the seed implementation this project started from, is timed in the same rounds at its own
 experiment's config.
 
-    python benchmarks/bench_train.py                       # CPU fp32: labml's config and the 2 x d64 config
+    python benchmarks/bench_train.py                       # CPU fp32: labml's config, 2 x d64, the cpu preset
     python benchmarks/bench_train.py --device cuda         # bf16 autocast, the trainer's gpu preset sizes
     python benchmarks/bench_train.py --profile small       # where a Switch step's time goes (torch.profiler)
     python benchmarks/bench_train.py --phases              # the step's phases and FFNs, dense vs Switch (CPU)
@@ -33,17 +33,26 @@ from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, ma
 from bench_layer import allocator_setting, round_ratios  # benchmarks/ is on sys.path: this file runs as a script
 from step_phases import phases
 
+SIZES = ("n_layer", "n_head", "d_model", "d_ff", "n_experts", "switch_every", "seq_len")
+
+
+def preset_sizes(preset: str) -> dict:
+    """The model and batch sizes of the trainer's preset (`switch_core.train.make_config`), as CONFIGS entries."""
+    cfg = make_config(preset, device="cpu")
+    return {**{k: getattr(cfg.model, k) for k in SIZES}, "batch_size": cfg.batch_size}
+
+
 # name -> flat config overrides (ModelConfig / TrainConfig fields) for the Switch model; the dense twin sets
 # switch_every=0. "labml" is labml's experiment config (experiment.py: 6 x d128, 4 heads, d_ff 256, 4 experts in
-# every block, seq 64, batch 32).
+# every block, seq 64, batch 32); "cpu" and "gpu" are the trainer's presets (`--preset cpu|gpu`).
 CONFIGS = {
     "labml": dict(n_layer=6, n_head=4, d_model=128, d_ff=256, n_experts=4, switch_every=1, seq_len=64,
                   batch_size=32),
     "small": dict(n_layer=2, n_head=4, d_model=64, d_ff=256, n_experts=8, switch_every=1, seq_len=64,
                   batch_size=32),
     "tiny": dict(n_layer=1, n_head=2, d_model=32, d_ff=64, n_experts=4, switch_every=1, seq_len=32, batch_size=8),
-    "gpu": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, n_experts=16, switch_every=2, seq_len=256,
-                batch_size=64),
+    "cpu": preset_sizes("cpu"),
+    "gpu": preset_sizes("gpu"),
 }
 
 
@@ -130,7 +139,8 @@ def bench(name: str, device: torch.device, rounds: int, steps_per_round: int, pe
     if compile_model:
         runs["dense SwitchLM, compiled"] = switch_core_stepper({**o, "switch_every": 0}, device, True)
         runs["Switch SwitchLM, compiled"] = switch_core_stepper({**o, "backend": "padded"}, device, True)
-    if peers and device.type == "cpu" and (lab := labml_stepper(o, device)) is not None:
+    # labml's model has a Switch FFN in every block: a peer only where ours does too
+    if peers and device.type == "cpu" and o["switch_every"] == 1 and (lab := labml_stepper(o, device)) is not None:
         runs["labml Switch Transformer"] = lab
     times = {k: [] for k in runs}
     for r in range(rounds + 1):  # round 0 warms up (allocator, caches, compilation)
@@ -199,7 +209,7 @@ def main() -> None:
         allocator_setting(args.device, args.default_allocator)
         profile(args.profile, device)
         return
-    names = (args.configs or ("gpu" if args.device == "cuda" else "labml,small")).split(",")
+    names = (args.configs or ("gpu" if args.device == "cuda" else "labml,small,cpu")).split(",")
     bad = [n for n in names if n not in CONFIGS]
     if bad:
         ap.error(f"--configs: unknown {', '.join(bad)} (choose from {', '.join(CONFIGS)})")
