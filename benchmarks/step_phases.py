@@ -82,13 +82,15 @@ def phases(name: str, overrides: dict, rounds: int, steps_per_round: int) -> lis
                 for p in PHASES:
                     samples[k][p].append(statistics.mean(g[p] for g in got))
     med = {k: {p: 1e3 * statistics.median(v) for p, v in s.items()} for k, s in samples.items()}
-    n_layer = overrides["n_layer"]
+    every = overrides.get("switch_every", 1)
+    n_switch = overrides["n_layer"] // every if every else 0  # the FFNs that differ: blocks every-1, 2·every-1, ...
     print(f"\n{name}: {', '.join(f'{k}={v}' for k, v in overrides.items())}")
-    print(f"  {'phase (ms per step, median)':30s} {'dense':>8s} {'Switch':>8s} {'Switch - dense':>15s} {'per layer':>10s}")
+    print(f"  {'phase (ms per step, median)':30s} {'dense':>8s} {'Switch':>8s} {'Switch - dense':>15s} "
+          f"{'per Switch layer':>17s}")
     rows = []
     for p in PHASES:
         d, s = med["dense"][p], med["Switch"][p]
-        layer = f"{(s - d) / n_layer:10.2f}" if p.startswith("FFN") else ""
+        layer = f"{(s - d) / n_switch:17.2f}" if p.startswith("FFN") and n_switch else ""
         print(f"  {p:30s} {d:8.2f} {s:8.2f} {s - d:15.2f} {layer}".rstrip())
         rows.append(dict(config=name, phase=p, dense_ms=d, switch_ms=s))
     total = {k: sum(med[k][p] for p in PHASES[:3]) for k in med}
