@@ -3,8 +3,8 @@
 Each round runs a few full training steps (forward, loss with the auxiliary terms, backward, clip, AdamW) of every
 model in turn; the median step time over the rounds gives tokens/s, and the ratio Switch ÷ dense is printed. When
 `labml-nn` is installed (benchmark-only: ``pip install --no-deps labml-nn==0.5.1 labml==0.4.168``), labml's annotated
-Switch Transformer, the seed implementation this project started from, is timed in the same rounds at its own
-experiment's config.
+Switch Transformer, the seed implementation this project started from, is timed in the same rounds at the configs
+with a Switch FFN in every block, as in labml's (its own experiment's config is "labml").
 
     python benchmarks/bench_train.py                       # CPU fp32: labml's config, 2 x d64, the cpu preset
     python benchmarks/bench_train.py --device cuda         # bf16 autocast, the trainer's gpu preset sizes

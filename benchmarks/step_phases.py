@@ -82,7 +82,7 @@ def phases(name: str, overrides: dict, rounds: int, steps_per_round: int) -> lis
                 for p in PHASES:
                     samples[k][p].append(statistics.mean(g[p] for g in got))
     med = {k: {p: 1e3 * statistics.median(v) for p, v in s.items()} for k, s in samples.items()}
-    every = overrides.get("switch_every", 1)
+    every = overrides["switch_every"]
     n_switch = overrides["n_layer"] // every if every else 0  # the FFNs that differ: blocks every-1, 2·every-1, ...
     print(f"\n{name}: {', '.join(f'{k}={v}' for k, v in overrides.items())}")
     print(f"  {'phase (ms per step, median)':30s} {'dense':>8s} {'Switch':>8s} {'Switch - dense':>15s} "
