@@ -17,18 +17,14 @@ import torch
 from torch import Tensor
 
 
-def segments(bounds: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) for every expert with rows; bounds: E + 1 cumulative row boundaries."""
-    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
-
-
 def segment_mm_rows(x_SD: Tensor, w_EDF: Tensor, bounds: list[int]) -> Tensor:
     """Rows bounds[e]:bounds[e+1] of x_SD [S, D] times w_EDF[e] ([E, D, F]) -> [S, F]; rows past bounds[-1] are 0.
     bounds: E + 1 python ints."""
     y_SF = x_SD.new_empty(x_SD.shape[0], w_EDF.shape[2])
     y_SF[bounds[-1]:].zero_()
-    for e, a, b in segments(bounds):
-        torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            torch.mm(x_SD[a:b], w_EDF[e], out=y_SF[a:b])
     return y_SF
 
 
