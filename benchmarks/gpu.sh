@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, in one run of at most ~8 minutes on one H200. Writes into $OUT
-# (default ./gpu-out): env.txt, layer.{txt,json}, train_step.{txt,json}, preset_gpu/ (metrics of a short
+# Everything this project measures on a GPU, in one run of at most 8 minutes (--budget) on one H200. Writes into
+# $OUT (default ./gpu-out): env.txt, layer.{txt,json}, train_step.{txt,json}, preset_gpu/ (metrics of a short
 # `--preset gpu` run), chapters/ (every chapter executed on the GPU), summary.txt (each step's status and time).
 #
 #   bash benchmarks/gpu.sh                        # on a CUDA machine, from the repository root
 #   bash benchmarks/gpu.sh --sweeps experts       # also the GPU size of these experiments (comma-separated)
+#   bash benchmarks/gpu.sh --budget 300           # the whole run in at most 300 s
 #   bash benchmarks/gpu.sh --device cpu --quick   # the same steps at toy sizes on the CPU (CI runs this)
 #
 # It needs only torch (+ matplotlib/pandas for the chapters, transformers for the HF peer) and runs switch_core
 # from this checkout (PYTHONPATH), so it works on a machine with no project install and no network. The data:
 # $SWITCH_CORE_DATA, else ./shared/data, else ../shared/data (tinyshakespeare/input.txt).
+#
+# The budget (default 480 s, plus 480 s per sweep) bounds the whole run: each step runs under the smaller of its
+# own time limit and the time left, in order of importance (layer, model step, training run, chapters, compiled
+# model step, sweeps); a step that finds under 10 s left is skipped (rc=skip). Any failed, timed-out or skipped
+# step makes the exit status 1.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-device=cuda quick=0 sweeps=""
+device=cuda quick=0 sweeps="" budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
     --sweeps) sweeps="$2"; shift 2 ;;
-    *) echo "error: unknown argument $1 (expected --device cpu|cuda, --quick, --sweeps NAMES)" >&2; exit 2 ;;
+    --budget) budget="$2"; shift 2 ;;
+    *) echo "error: unknown argument $1 (expected --device cpu|cuda, --quick, --sweeps NAMES, --budget SECONDS)" >&2
+       exit 2 ;;
   esac
 done
 case "$device" in cpu|cuda) ;; *) echo "error: --device must be cpu or cuda, got $device" >&2; exit 2 ;; esac
+IFS=',' read -r -a names <<< "$sweeps"
+if [ -z "$budget" ]; then
+  budget=480
+  for name in "${names[@]}"; do [ -n "$name" ] && budget=$((budget + 480)); done
+elif ! [[ "$budget" =~ ^[0-9]+$ ]] || [ "$budget" -lt 1 ]; then
+  echo "error: --budget must be a whole number of seconds >= 1, got $budget" >&2; exit 2
+fi
+start=$SECONDS deadline=$((SECONDS + budget))
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -36,10 +52,16 @@ failed=0
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.txt, record status and wall time
   local name="$1" limit="$2"; shift 2
-  local t0=$SECONDS rc=0
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1 || rc=$?
+  local t0=$SECONDS rc=0 left=$((deadline - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "skipped: ${left}s of the ${budget}s budget left" > "$OUT/$name.txt"
+    rc=skip
+  else
+    timeout -k 5 "$limit" "$@" > "$OUT/$name.txt" 2>&1 || rc=$?
+  fi
   printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" | tee -a "$OUT/summary.txt"
-  [ "$rc" -eq 0 ] || failed=1
+  [ "$rc" = 0 ] || failed=1
 }
 
 {
@@ -71,7 +93,6 @@ else
 fi
 rm -f "$OUT"/preset_gpu/checkpoint*.pt  # results only: no checkpoints come back
 
-IFS=',' read -r -a names <<< "$sweeps"
 for name in "${names[@]}"; do
   [ -n "$name" ] || continue
   extra=()
@@ -79,5 +100,6 @@ for name in "${names[@]}"; do
   step "sweep-$name" 480 "$PY" -m switch_core.sweep "$name" --device "$device" --runs "/tmp/gpu-sweeps/$name" \
     --results "$OUT/book_data" --overwrite --no-progress "${extra[@]}"
 done
+echo "budget ${budget}s, used $((SECONDS - start))s" >> "$OUT/summary.txt"
 echo "results in $OUT (summary.txt)"
 exit "$failed"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,8 +18,10 @@ def test_gpu_script_runs_every_step_on_the_cpu(tmp_path, shakespeare_root):
                           capture_output=True, text=True, timeout=600)
     summary = (tmp_path / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert [line.split()[0] for line in summary.splitlines()] == ["layer", "train_step", "preset_gpu", "chapters"]
-    assert all("rc=0" in line for line in summary.splitlines())
+    *steps, spent = summary.splitlines()
+    assert [line.split()[0] for line in steps] == ["layer", "train_step", "preset_gpu", "chapters"]
+    assert all("rc=0" in line for line in steps)
+    assert spent.startswith("budget 480s, used ")
     layer = json.loads((tmp_path / "layer.json").read_text())
     assert {r["layer"] for r in layer["rows"]} >= {"dense FeedForward", "switch auto", "switch loop"}
     steps = json.loads((tmp_path / "train_step.json").read_text())["rows"]
@@ -29,10 +33,29 @@ def test_gpu_script_runs_every_step_on_the_cpu(tmp_path, shakespeare_root):
     assert "torch" in (tmp_path / "env.txt").read_text()
 
 
-def test_gpu_script_refuses_a_bad_argument(tmp_path):
-    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "tpu"], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize("args, first", [(["--device", "tpu"], "error: --device"),
+                                         (["--budget", "8m"], "error: --budget"),
+                                         (["--budget", "0"], "error: --budget"),
+                                         (["--fast"], "error: unknown argument --fast")])
+def test_gpu_script_refuses_a_bad_argument(tmp_path, args, first):
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", *args], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --device")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(first), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "summary.txt").exists()
+
+
+def test_gpu_script_skips_what_its_budget_leaves_no_time_for(tmp_path):
+    # The whole run must fit the device's time: a step that would start with under 10 s of the budget left is
+    # skipped, recorded, and fails the run; nothing is started past the budget.
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--quick", "--budget", "5",
+                           "--sweeps", "experts"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    *steps, spent = (tmp_path / "summary.txt").read_text().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert [line.split()[:2] for line in steps] == [[n, "rc=skip"] for n in
+                                                   ("layer", "train_step", "preset_gpu", "chapters", "sweep-experts")]
+    assert (tmp_path / "layer.txt").read_text().startswith("skipped: ") and not (tmp_path / "layer.json").exists()
+    assert spent.startswith("budget 5s, used ")
 
 
 def test_chapter_runner_fails_a_chapter_whose_assert_fails(tmp_path):
