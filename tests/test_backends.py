@@ -120,3 +120,24 @@ def test_grouped_backend_falls_back_for_sizes_grouped_mm_cannot_take():
     out = _run(layer, "grouped", x, None)
     assert_close(out[0], ref[0])
     assert_close(out[2]["experts.w_in"], ref[2]["experts.w_in"])
+
+
+@pytest.mark.parametrize("backend", ["auto", "loop"])
+def test_training_loss_of_the_whole_model_has_no_host_sync_on_an_accelerator(backend):
+    # The layer test above, one level up: the language model's forward, the cross-entropy, every layer's balance
+    # and z-loss summed (train.compute_loss), and the backward, on the meta device. The loop backend syncs (its
+    # nonzero), which shows the check can fail.
+    from switch_core.model import SwitchLM
+    from switch_core.train import compute_loss, make_config
+
+    cfg = make_config("tiny", vocab_size=11, n_layer=2, seq_len=8, backend=backend)
+    model = SwitchLM(cfg.model).to("meta", torch.bfloat16)
+    x_BT, y_BT = (torch.randint(0, 11, (2, 8), device="meta") for _ in range(2))
+    if backend == "loop":
+        with pytest.raises(NotImplementedError, match="nonzero"):
+            compute_loss(model, x_BT, y_BT, cfg)
+        return
+    loss, ce, stats = compute_loss(model, x_BT, y_BT, cfg)
+    loss.backward()
+    assert loss.shape == () and len(stats) >= 1
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
