@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh                        # on a CUDA machine, from the repository root
 #   bash benchmarks/gpu.sh --sweeps experts       # also the GPU size of these experiments (comma-separated)
 #   bash benchmarks/gpu.sh --budget 300           # the whole run in at most 300 s
+#   bash benchmarks/gpu.sh --overwrite            # write into a non-empty $OUT (refused without it)
 #   bash benchmarks/gpu.sh --device cpu --quick   # the same steps at toy sizes on the CPU (CI runs this)
 #
 # It needs only torch (+ matplotlib/pandas for the chapters, transformers for the HF peer) and runs switch_core
@@ -18,14 +19,16 @@
 # step makes the exit status 1.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-device=cuda quick=0 sweeps="" budget=""
+device=cuda quick=0 sweeps="" budget="" overwrite=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
     --sweeps) sweeps="$2"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
-    *) echo "error: unknown argument $1 (expected --device cpu|cuda, --quick, --sweeps NAMES, --budget SECONDS)" >&2
+    --overwrite) overwrite=1; shift ;;
+    *) echo "error: unknown argument $1 (expected --device cpu|cuda, --quick, --sweeps NAMES, --budget SECONDS," \
+            "--overwrite)" >&2
        exit 2 ;;
   esac
 done
@@ -40,6 +43,10 @@ fi
 start=$SECONDS deadline=$((SECONDS + budget))
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-$PWD/gpu-out}
+if [ "$overwrite" -eq 0 ] && [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "error: OUT=$OUT is not empty (an earlier run's results?); set OUT to a new folder or pass --overwrite" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -z "${SWITCH_CORE_DATA:-}" ]; then

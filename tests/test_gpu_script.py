@@ -44,6 +44,17 @@ def test_gpu_script_refuses_a_bad_argument(tmp_path, args, first):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "summary.txt").exists()
 
 
+def test_gpu_script_does_not_write_over_an_earlier_run(tmp_path):
+    (tmp_path / "summary.txt").write_text("an earlier run\n")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    args = ["bash", "benchmarks/gpu.sh", "--device", "cpu", "--quick", "--budget", "5"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: OUT=") and "--overwrite" in proc.stderr
+    assert os.listdir(tmp_path) == ["summary.txt"] and (tmp_path / "summary.txt").read_text() == "an earlier run\n"
+    proc = subprocess.run(args + ["--overwrite"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and (tmp_path / "summary.txt").read_text().startswith("layer ")  # all skipped
+
+
 def test_gpu_script_skips_what_its_budget_leaves_no_time_for(tmp_path):
     # The whole run must fit the device's time: a step that would start with under 10 s of the budget left is
     # skipped, recorded, and fails the run; nothing is started past the budget.
