@@ -16,10 +16,12 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
 from switch_core import FeedForward, SwitchFeedForward
+from switch_core.checkpoint import replace_text
 from switch_core.runtime import tune_cpu_allocator
 from switch_core.sweep import git_commit, machine
 
@@ -159,8 +161,7 @@ def main() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        replace_text(Path(args.json), json.dumps(results, indent=2))  # atomic: a kill keeps an old file whole
 
 
 if __name__ == "__main__":

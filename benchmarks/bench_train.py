@@ -21,10 +21,12 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from switch_core.checkpoint import replace_text
 from switch_core.layer import SwitchFeedForward
 from switch_core.model import SwitchLM
 from switch_core.sweep import git_commit, machine
@@ -224,11 +226,10 @@ def main() -> None:
         rows += (phases(name, CONFIGS[name], args.rounds, args.steps_per_round) if args.phases else
                  bench(name, device, args.rounds, args.steps_per_round, not args.no_peers, args.compile))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
-                           threads=torch.get_num_threads(), cpu_allocator=allocator, rounds=args.rounds,
-                           steps_per_round=args.steps_per_round,
-                           rows=rows), f, indent=2)
+        replace_text(Path(args.json), json.dumps(  # atomic: a kill keeps an old file whole
+            dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
+                 threads=torch.get_num_threads(), cpu_allocator=allocator, rounds=args.rounds,
+                 steps_per_round=args.steps_per_round, rows=rows), indent=2))
 
 
 if __name__ == "__main__":
