@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        ap.error(f"--json: no folder {Path(args.json).resolve().parent} to write {Path(args.json).name} into")
     p = dict(PRESETS["quick" if args.quick else args.device])
     rounds = args.rounds or p["rounds"]
     dev, dtype = args.device, getattr(torch, p["dtype"])

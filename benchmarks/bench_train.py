@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        ap.error(f"--json: no folder {Path(args.json).resolve().parent} to write {Path(args.json).name} into")
     device = torch.device(args.device)
     if args.phases and args.device != "cpu":
         ap.error("--phases times host wall clock: CPU only")

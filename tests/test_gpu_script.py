@@ -97,3 +97,14 @@ def test_chapter_runner_runs_writefile_cells(tmp_path):
     log = (tmp_path / "o" / "magic" / "log.txt").read_text()
     assert proc.returncode == 0, log
     assert f"Writing {tmp_path}/script.py" in log and f"Appending to {tmp_path}/script.py" in log
+
+
+@pytest.mark.parametrize("script", ["bench_layer.py", "bench_train.py"])
+def test_benchmarks_refuse_a_json_path_they_could_not_write_before_running(tmp_path, script):
+    # Checked before any timing: the results of a long run are not lost to a typo in --json at its end.
+    missing = tmp_path / "no-such-folder" / "out.json"
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--json", str(missing)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        f"error: --json: no folder {missing.parent} to write out.json into"), proc.stderr
+    assert not proc.stdout and not missing.parent.exists()
