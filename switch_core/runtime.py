@@ -1,6 +1,6 @@
 """Where a run executes: `Runtime` (device, rank, world size, the collectives the trainer needs), its setup
-(CUDA/MPS checks; the torchrun process group with expert parallelism) and the memory check made before anything
-is allocated."""
+(CUDA/MPS checks; the torchrun process group with expert parallelism) and the checks made before anything is
+allocated: memory, and a C++ compiler where the run is compiled on the CPU."""
 from __future__ import annotations
 
 import math
@@ -106,6 +106,24 @@ def check_memory(cfg: TrainConfig, runtime: Runtime) -> None:
         raise ValueError(f"this run needs at least {gib(sum(need.values()))} on {runtime.device} (parameters "
                          f"and optimizer state {gib(need['parameters'])}, activations {gib(need['activations'])}) "
                          f"but it has {gib(have)}; lower --batch-size, --n-experts, --d-model or --seq-len")
+
+
+def check_compile(cfg: TrainConfig, runtime: Runtime) -> None:
+    """ValueError, before the run starts, when cfg.compile asks torch.compile for CPU code and this machine has no
+    working C++ compiler for it (inductor builds its CPU kernels with one, e.g. g++; the CXX variable picks it).
+    Without this check the run would fail at its first step, its directory already made."""
+    if not (cfg.compile and runtime.device.type == "cpu"):
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private: where it is missing, no check
+    except ImportError:
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its search raises
+        raise ValueError(f"compile: torch.compile on the CPU needs a working C++ compiler, and none was found "
+                         f"({type(e).__name__}: {e}); install one (e.g. apt install g++) or run without "
+                         f"--compile") from e
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.

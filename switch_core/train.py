@@ -45,7 +45,7 @@ from .config import (MAX_SEED, PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_ove
                      make_config, saved_config)
 from .data import CharData, get_batch, load_char_data
 from .model import SwitchLM
-from .runtime import Runtime, check_memory, memory_estimate, setup_runtime
+from .runtime import Runtime, check_compile, check_memory, memory_estimate, setup_runtime
 
 __all__ = ["MAX_SEED", "PRESETS", "RESUMABLE_FIELDS", "NonFiniteLossError", "Runtime", "TrainConfig", "TrainResult",
            "TrainState", "WarmupCosine", "apply_overrides", "build_state", "compute_loss", "evaluate", "main",
@@ -284,6 +284,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume:
             raise ValueError(f"seq_len {cfg.model.seq_len} needs at least {cfg.model.seq_len + 1} tokens per "
                              f"split; the data has {len(data.train)} (train) and {len(data.val)} (validation)")
         check_memory(cfg, runtime)
+        check_compile(cfg, runtime)
         if resume and runtime.is_main:  # only rank 0 logs
             rows = read_run_rows(out, ckpt["step"], cfg.model.n_switch_layers * cfg.model.n_experts)
     except Exception:

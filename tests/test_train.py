@@ -251,3 +251,18 @@ def test_compiled_run_trains_like_eager_and_saves_the_same_checkpoint_keys(tmp_p
     assert keys("compiled") == keys("eager") and not any("_orig_mod" in k for k in keys("compiled"))
     with pytest.raises(ValueError, match="compile"):
         small(compile=True, expert_parallel=True)
+
+
+def test_a_compiled_cpu_run_without_a_cxx_compiler_is_refused_before_its_directory_is_made(tmp_path,
+                                                                                        shakespeare_root):
+    # torch.compile builds CPU kernels with a C++ compiler (CXX, else g++); a stock Python image may have none.
+    # The trainer says so in one error line, exit 2, before the run directory exists, not at its first step.
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "SWITCH_CORE_DATA": str(shakespeare_root)}
+    cmd = [sys.executable, "-m", "switch_core.train", "--preset", "tiny", "--steps", "2", "--no-progress", "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd + ["--compile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: compile: torch.compile on the CPU needs a "
+                                                           "working C++ compiler"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "--compile" in proc.stderr and not (tmp_path / "run").exists()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # eager needs none
+    assert proc.returncode == 0 and (tmp_path / "run" / "checkpoint.pt").exists(), proc.stderr
