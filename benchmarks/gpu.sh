@@ -94,7 +94,7 @@ else
   step train_step 90 "$PY" benchmarks/bench_train.py --device "$device" --json "$OUT/train_step.json"
   step preset_gpu 90 "$PY" -m switch_core.train --preset gpu --device "$device" --steps 300 --eval-interval 100 \
     --no-progress --out "$OUT/preset_gpu" --overwrite
-  step chapters 200 "$PY" benchmarks/run_chapters.py --out "$OUT/chapters"
+  step chapters 300 "$PY" benchmarks/run_chapters.py --out "$OUT/chapters"  # summary.json: those done
   step train_compiled 90 "$PY" benchmarks/bench_train.py --device "$device" --compile --no-peers --rounds 5 \
     --json "$OUT/train_step_compiled.json"  # last: does --compile pay on the GPU?
 fi

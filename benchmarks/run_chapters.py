@@ -6,20 +6,24 @@ as the book build runs them. Cells tagged ``skip-execution`` are skipped, as MyS
 cells may raise; a ``%%writefile`` cell writes its file, as IPython's magic does. ``myst_nb.glue`` and
 ``IPython.display`` are stood in for when they are missing: glued values are collected into ``glue.json``; figures
 are saved as PNGs instead of shown. An assertion that fails in a cell fails the chapter, as in the book build.
+A SIGTERM (gpu.sh's time limit) stops the run where it is: that chapter is recorded as stopped in its cell, and
+the chapters after it are not started.
 
     python benchmarks/run_chapters.py --out /tmp/chapters            # every chapter of _toc.yml
     python benchmarks/run_chapters.py --out /tmp/ch book/routing.md  # some
 
-Writes OUT/<chapter>/{log.txt, glue.json, fig-*.png} and OUT/summary.json; exits 1 when any chapter failed.
+Writes OUT/<chapter>/{log.txt, glue.json, fig-*.png} and OUT/summary.json; exits 1 when any chapter failed or was
+stopped. Each log is written as its chapter runs and the summary after every chapter, so a run killed on the way
+keeps what it did.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -109,6 +113,14 @@ def write_file_magic(source: str, namespace: dict) -> None:
         f.write(body if body.endswith("\n") else body + "\n")
 
 
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler: not an Exception, so no cell's own ``except Exception`` swallows it."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(f"signal {signum}")
+
+
 def run_chapter(path: Path, out_root: Path) -> dict:
     out_dir = out_root / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +129,8 @@ def run_chapter(path: Path, out_root: Path) -> dict:
     from IPython.display import display  # real or stand-in
 
     namespace = {"__name__": "__main__", "display": display}
-    log = io.StringIO()
-    status, t0, n_run = "passed", time.perf_counter(), 0
+    log = open(out_dir / "log.txt", "w", encoding="utf-8", buffering=1)  # line by line: a kill keeps it
+    status, t0, n_run, stopped = "passed", time.perf_counter(), 0, False
     cwd = os.getcwd()
     os.chdir(REPO / "book")
     try:
@@ -138,14 +150,18 @@ def run_chapter(path: Path, out_root: Path) -> dict:
                 log.write(f"\n--- cell {i} failed ---\n{traceback.format_exc()}")
                 status = f"failed in cell {i}"
                 break
+            except Stopped:
+                log.write(f"\n--- stopped in cell {i} (SIGTERM: the time limit) ---\n{traceback.format_exc()}")
+                status, stopped = f"stopped in cell {i}", True
+                break
     finally:
         os.chdir(cwd)
+        log.close()
         import matplotlib.pyplot as plt
         plt.close("all")
-    (out_dir / "log.txt").write_text(log.getvalue())
     (out_dir / "glue.json").write_text(json.dumps(_STATE["glued"], indent=2, default=repr) + "\n")
     return {"chapter": path.stem, "status": status, "cells_run": n_run,
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "stopped": stopped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,12 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    signal.signal(signal.SIGTERM, _stop)
     for p in paths:
-        r = run_chapter(p, out)
-        results.append(r)
-        print(f"{r['chapter']:20s} {r['status']:22s} {r['cells_run']:3d} cells {r['wall_s']:7.1f} s", flush=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if all(r["status"] == "passed" for r in results) else 1
+        try:
+            r = run_chapter(p, out)
+        except Stopped:  # between cells: the chapter is recorded as stopped where it was
+            r = {"chapter": p.stem, "status": "stopped", "cells_run": None, "wall_s": None, "stopped": True}
+        results.append({k: v for k, v in r.items() if k != "stopped"})
+        print(f"{r['chapter']:20s} {r['status']:22s} {r['cells_run'] or 0:3d} cells {r['wall_s'] or 0:7.1f} s",
+              flush=True)
+        tmp = out / "summary.json.tmp"  # after every chapter, renamed into place: a kill keeps the last one whole
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, out / "summary.json")
+        if r["stopped"]:
+            print("stopped (SIGTERM): the chapters after it were not run", flush=True)
+            break
+    return 0 if len(results) == len(paths) and all(r["status"] == "passed" for r in results) else 1
 
 
 if __name__ == "__main__":

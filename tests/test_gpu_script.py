@@ -2,8 +2,10 @@
 step at toy sizes (layer and model-step benchmarks, a short training run, a chapter executed without Jupyter)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,28 @@ def test_benchmarks_refuse_a_json_path_they_could_not_write_before_running(tmp_p
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
         f"error: --json: no folder {missing.parent} to write out.json into"), proc.stderr
     assert not proc.stdout and not missing.parent.exists()
+
+
+def test_chapter_runner_stopped_by_its_time_limit_keeps_what_it_did(tmp_path):
+    # gpu.sh's `timeout` sends SIGTERM: the chapter running is recorded as stopped in its cell (its log so far
+    # kept), the chapters before it keep their results, and the ones after it are not started.
+    head = "---\njupytext:\n  text_representation:\n    format_name: myst\n---\n# {}\n\n"
+    quick, slow, later = (tmp_path / f"{n}.md" for n in ("quick", "slow", "later"))
+    quick.write_text(head.format("Quick") + "```{code-cell} ipython3\nassert 1 + 1 == 2\n```\n")
+    slow.write_text(head.format("Slow") + "```{code-cell} ipython3\nx = 1\n```\n\n```{code-cell} ipython3\n"
+                    "import time\nprint('cell 1 started', flush=True)\ntime.sleep(120)\n```\n")
+    later.write_text(head.format("Later") + "```{code-cell} ipython3\nx = 1\n```\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "benchmarks/run_chapters.py", "--out", str(out), str(quick), str(slow),
+                             str(later)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "slow" / "log.txt"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "cell 1 started" in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the slow cell never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "stopped (SIGTERM)" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["chapter"], r["status"]) for r in summary] == [("quick", "passed"), ("slow", "stopped in cell 1")]
+    assert "--- stopped in cell 1 (SIGTERM" in log.read_text() and not (out / "later").exists()
