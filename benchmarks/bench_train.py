@@ -227,11 +227,11 @@ def main() -> None:
     for name in names:
         rows += (phases(name, CONFIGS[name], args.rounds, args.steps_per_round) if args.phases else
                  bench(name, device, args.rounds, args.steps_per_round, not args.no_peers, args.compile))
-    if args.json:
-        replace_text(Path(args.json), json.dumps(  # atomic: a kill keeps an old file whole
-            dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
-                 threads=torch.get_num_threads(), cpu_allocator=allocator, rounds=args.rounds,
-                 steps_per_round=args.steps_per_round, rows=rows), indent=2))
+        if args.json:  # after every config, atomically: a run stopped on the way keeps the configs done
+            replace_text(Path(args.json), json.dumps(
+                dict(when=when, torch=torch.__version__, device=dev_name, commit=commit, command=command,
+                     threads=torch.get_num_threads(), cpu_allocator=allocator, rounds=args.rounds,
+                     steps_per_round=args.steps_per_round, rows=rows), indent=2))
 
 
 if __name__ == "__main__":
