@@ -75,6 +75,12 @@ def round_ratios(times: list[float], dense: list[float]) -> list[float]:
     return [q1, q2, q3]
 
 
+def check_json_path(ap: argparse.ArgumentParser, path: str | None) -> None:
+    """Refuse (argparse's error line, exit 2) a --json path whose folder does not exist, before any timing."""
+    if path and not Path(path).resolve().parent.is_dir():
+        ap.error(f"--json: no folder {Path(path).resolve().parent} to write {Path(path).name} into")
+
+
 def allocator_setting(device: str, default: bool) -> str:
     """Tune glibc malloc for the CPU run (`runtime.tune_cpu_allocator`, the same for every candidate) unless
     default; returns how malloc ran, for the results' header."""
@@ -95,8 +101,7 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        ap.error(f"--json: no folder {Path(args.json).resolve().parent} to write {Path(args.json).name} into")
+    check_json_path(ap, args.json)
     p = dict(PRESETS["quick" if args.quick else args.device])
     rounds = args.rounds or p["rounds"]
     dev, dtype = args.device, getattr(torch, p["dtype"])

@@ -32,7 +32,8 @@ from switch_core.model import SwitchLM
 from switch_core.sweep import git_commit, machine
 from switch_core.train import Runtime, TrainState, WarmupCosine, make_config, make_optimizer, train_step
 
-from bench_layer import allocator_setting, round_ratios  # benchmarks/ is on sys.path: this file runs as a script
+# benchmarks/ is on sys.path: this file runs as a script
+from bench_layer import allocator_setting, check_json_path, round_ratios
 from step_phases import phases
 
 SIZES = ("n_layer", "n_head", "d_model", "d_ff", "n_experts", "switch_every", "seq_len")
@@ -202,8 +203,7 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (default on the CPU: runtime.tune_cpu_allocator)")
     args = ap.parse_args()
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        ap.error(f"--json: no folder {Path(args.json).resolve().parent} to write {Path(args.json).name} into")
+    check_json_path(ap, args.json)
     device = torch.device(args.device)
     if args.phases and args.device != "cpu":
         ap.error("--phases times host wall clock: CPU only")

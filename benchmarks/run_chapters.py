@@ -30,6 +30,8 @@ import traceback
 import types
 from pathlib import Path
 
+from switch_core.checkpoint import replace_text  # the chapters import switch_core too
+
 REPO = Path(__file__).resolve().parents[1]
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 
@@ -130,7 +132,7 @@ def run_chapter(path: Path, out_root: Path) -> dict:
 
     namespace = {"__name__": "__main__", "display": display}
     log = open(out_dir / "log.txt", "w", encoding="utf-8", buffering=1)  # line by line: a kill keeps it
-    status, t0, n_run, stopped = "passed", time.perf_counter(), 0, False
+    status, t0, n_run = "passed", time.perf_counter(), 0
     cwd = os.getcwd()
     os.chdir(REPO / "book")
     try:
@@ -152,7 +154,7 @@ def run_chapter(path: Path, out_root: Path) -> dict:
                 break
             except Stopped:
                 log.write(f"\n--- stopped in cell {i} (SIGTERM: the time limit) ---\n{traceback.format_exc()}")
-                status, stopped = f"stopped in cell {i}", True
+                status = f"stopped in cell {i}"
                 break
     finally:
         os.chdir(cwd)
@@ -160,8 +162,7 @@ def run_chapter(path: Path, out_root: Path) -> dict:
         import matplotlib.pyplot as plt
         plt.close("all")
     (out_dir / "glue.json").write_text(json.dumps(_STATE["glued"], indent=2, default=repr) + "\n")
-    return {"chapter": path.stem, "status": status, "cells_run": n_run,
-            "wall_s": round(time.perf_counter() - t0, 1), "stopped": stopped}
+    return {"chapter": path.stem, "status": status, "cells_run": n_run, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = run_chapter(p, out)
         except Stopped:  # between cells: the chapter is recorded as stopped where it was
-            r = {"chapter": p.stem, "status": "stopped", "cells_run": None, "wall_s": None, "stopped": True}
-        results.append({k: v for k, v in r.items() if k != "stopped"})
+            r = {"chapter": p.stem, "status": "stopped", "cells_run": None, "wall_s": None}
+        results.append(r)
         print(f"{r['chapter']:20s} {r['status']:22s} {r['cells_run'] or 0:3d} cells {r['wall_s'] or 0:7.1f} s",
               flush=True)
-        tmp = out / "summary.json.tmp"  # after every chapter, renamed into place: a kill keeps the last one whole
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out / "summary.json")
-        if r["stopped"]:
+        replace_text(out / "summary.json", json.dumps(results, indent=2) + "\n")  # after every chapter, atomically
+        if r["status"].startswith("stopped"):
             print("stopped (SIGTERM): the chapters after it were not run", flush=True)
             break
     return 0 if len(results) == len(paths) and all(r["status"] == "passed" for r in results) else 1
